@@ -1,0 +1,31 @@
+.DEFAULT_GOAL := help
+PY ?= .venv/bin/python
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+venv: ## Create .venv and install memstream with its test tools
+	python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'
+
+lint: ## ruff (lint + format check) and mypy --strict
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: ## Format the code
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: ## Run every test (real Redis servers started by the tests)
+	$(PY) -m pytest
+
+test-fast: ## Run the tests without the chaos and cluster suites
+	$(PY) -m pytest -m "not chaos and not cluster"
+
+contract: ## Regenerate the committed JSON Schema and conformance vectors
+	$(PY) -m events.conformance
+
+bench: ## Run the append benchmark (see benchmarks/README.md)
+	$(PY) benchmarks/append.py
+
+.PHONY: help venv lint format test test-fast contract bench

@@ -1,0 +1,200 @@
+"""The append benchmark's report: per-run results, their summary over repeats (median
+and range, paired ratios memstream / baseline), and the text rendering."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Result:
+    system: str
+    label: str
+    batch: int
+    messages: int
+    throughput: float  # messages / (first publish started -> last message applied)
+    duration_s: float
+    publish_rate: float  # messages / (first publish started -> last publish returned)
+    latency_ms: dict[str, float]  # publish call started -> applied
+    cpu_us_per_msg: dict[str, float | None]
+    redis_calls_per_msg: float
+    redis_top_calls: dict[str, int]
+    background_cores: float | None  # CPUs other processes kept busy meanwhile
+    redis_bytes_per_msg: float  # Redis memory grown per message, right after the run
+    sdk_latency_ms: dict[str, float] | None = None  # wait: publish(wait=True) returned
+    # wait: how long publish(wait=True) returned after the last message of its call was
+    # applied (the SDK's own waiting: polling, one outcome after another)
+    wait_overhead_ms: dict[str, float] | None = None
+    clock: dict[str, float] = field(default_factory=dict)
+    checked: str = ""
+
+
+def one_line(r: Result) -> str:
+    text = (
+        f"{r.throughput:,.0f} msg/s, p50 {r.latency_ms['p50']:.1f} ms, "
+        f"p99 {r.latency_ms['p99']:.1f} ms (published at {r.publish_rate:,.0f} msg/s)"
+    )
+    if r.sdk_latency_ms:
+        text += (
+            f"; seen by publish(wait=True): p50 {r.sdk_latency_ms['p50']:.1f} ms, "
+            f"p99 {r.sdk_latency_ms['p99']:.1f} ms"
+        )
+    if r.wait_overhead_ms:
+        text += (
+            f"; returned {r.wait_overhead_ms['p50']:.1f} ms (p50), "
+            f"{r.wait_overhead_ms['p99']:.1f} ms (p99) after its last message was applied"
+        )
+    return text
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def find(results: list[Result], system: str, label: str) -> Result:
+    return next(r for r in results if (r.system, r.label) == (system, label))
+
+
+def find_baseline(results: list[Result], batch: int) -> Result:
+    return next(r for r in results if r.system == "baseline" and r.batch == batch)
+
+
+def summarize(runs: list[list[Result]]) -> dict[str, Any]:
+    """Median and range over the repeats of each figure, and of the per-repeat ratios
+    memstream / baseline (each pair ran back to back on the same server, with the same
+    batch size). With wait, memstream's latency is what publish(wait=True) took."""
+    out: dict[str, Any] = {}
+    for system, label in [(r.system, r.label) for r in runs[0]]:
+        rs = [find(results, system, label) for results in runs]
+        entry: dict[str, Any] = {
+            "batch": rs[0].batch,
+            "messages": rs[0].messages,
+            "throughput": spread([r.throughput for r in rs]),
+            "p50_ms": spread([r.latency_ms["p50"] for r in rs]),
+            "p99_ms": spread([r.latency_ms["p99"] for r in rs]),
+            "publish_rate": spread([r.publish_rate for r in rs]),
+            "background_cores": [r.background_cores for r in rs],
+        }
+        if rs[0].sdk_latency_ms is not None:
+            entry["sdk_p50_ms"] = spread([(r.sdk_latency_ms or {})["p50"] for r in rs])
+            entry["sdk_p99_ms"] = spread([(r.sdk_latency_ms or {})["p99"] for r in rs])
+            entry["wait_overhead_p50_ms"] = spread([(r.wait_overhead_ms or {})["p50"] for r in rs])
+            entry["wait_overhead_p99_ms"] = spread([(r.wait_overhead_ms or {})["p99"] for r in rs])
+        out.setdefault(label, {})[system] = entry
+    for label, pair in out.items():
+        if "memstream" not in pair:
+            continue
+        pairs: list[tuple[Result, Result]] = []
+        for results in runs:
+            m = find(results, "memstream", label)
+            pairs.append((m, find_baseline(results, m.batch)))
+
+        def lat(m: Result, which: str) -> float:
+            return m.sdk_latency_ms[which] if m.sdk_latency_ms else m.latency_ms[which]
+
+        pair["ratio"] = {
+            "against": f"baseline {pairs[0][1].label} (batch {pairs[0][1].batch})",
+            "throughput": spread([m.throughput / b.throughput for m, b in pairs]),
+            "p50": spread([lat(m, "p50") / b.latency_ms["p50"] for m, b in pairs]),
+            "p99": spread([lat(m, "p99") / b.latency_ms["p99"] for m, b in pairs]),
+        }
+    return out
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def fmt(s: dict[str, float], digits: int = 1, repeat: int = 1) -> str:
+    if repeat == 1:
+        return f"{s['median']:,.{digits}f}"
+    return f"{s['median']:,.{digits}f} [{s['min']:,.{digits}f}-{s['max']:,.{digits}f}]"
+
+
+def row(name: str, system: str, throughput: str, p50: str, p99: str) -> str:
+    return f"{name:<30}{system:<30}{throughput:>26}{p50:>24}{p99:>26}"
+
+
+def render(report: dict[str, Any]) -> str:
+    c, rd, mc = report["config"], report["redis"], report["machine"]
+    n = c["repeat"]
+    where = "temporary redis-server" if rd["temporary"] else "given server"
+    aof = "" if rd["aof"] is None else (", AOF on" if rd["aof"] else ", AOF off")
+    lines = [
+        f"memstream append benchmark (source {report['source']})",
+        f"  Redis {rd['version']} ({where}{aof}) at {rd['url']}",
+        f"  machine: {mc['cpus']} CPUs ({mc['cpu_model']}), {mc['platform']}, "
+        f"Python {mc['python']}; load average {mc['loadavg_start']} -> {mc['loadavg_end']}",
+        f"  N={c['messages']:,} messages over M={c['memories']} memories, batch {c['batch']}, "
+        f"{c['producers']} producers, {c['workers']} appender worker process(es), "
+        f"{c['partitions']} partitions, appender batch {c['appender_batch']}, "
+        f"{c['content_bytes']} B content"
+        + (f", offered {c['rate']:,.0f} msg/s" if c["rate"] else ", unpaced"),
+        f"  figures: median of {n} run(s)" + (" [min-max]" if n > 1 else ""),
+        "  latency: publish call started -> applied (memstream: the stored message's 'at')",
+        "",
+        row("scenario", "system", "throughput msg/s", "p50 ms", "p99 ms"),
+    ]
+    for label, pair in report["summary"].items():
+        name = ""
+        for system in ("baseline", "memstream"):
+            if system not in pair:
+                continue
+            e = pair[system]
+            name = "" if name else f"{label}: batch {e['batch']}, N={e['messages']:,}"
+            lines.append(
+                row(
+                    name,
+                    system,
+                    fmt(e["throughput"], 0, n),
+                    fmt(e["p50_ms"], 2, n),
+                    fmt(e["p99_ms"], 2, n),
+                )
+            )
+            if "sdk_p50_ms" in e:
+                lines.append(
+                    row(
+                        "",
+                        "  publish(wait=True) returned",
+                        "",
+                        fmt(e["sdk_p50_ms"], 2, n),
+                        fmt(e["sdk_p99_ms"], 2, n),
+                    )
+                )
+                lines.append(
+                    row(
+                        "",
+                        "  ... after the last apply",
+                        "",
+                        fmt(e["wait_overhead_p50_ms"], 2, n),
+                        fmt(e["wait_overhead_p99_ms"], 2, n),
+                    )
+                )
+        if "ratio" in pair:
+            ra = pair["ratio"]
+            lines.append(
+                row(
+                    "",
+                    "ratio memstream/baseline",
+                    fmt(ra["throughput"], 3, n),
+                    fmt(ra["p50"], 1, n),
+                    fmt(ra["p99"], 1, n),
+                )
+            )
+    lines.append("")
+    lines.append(
+        "per run: CPU us per message (producer process / appender workers / Redis), Redis "
+        "commands and Redis memory per message, CPUs kept busy by other processes meanwhile:"
+    )
+    for i, results in enumerate(report["runs"]):
+        for r in results:
+            cpu = r["cpu_us_per_msg"]
+            workers = "-" if r["system"] == "baseline" else cpu["workers"]
+            lines.append(
+                f"  run {i + 1} {r['system']:<10} {r['label']:<8} {cpu['producer']} / {workers} / "
+                f"{cpu['redis']}; {r['redis_calls_per_msg']:.1f} commands; "
+                f"{r['redis_bytes_per_msg']:,.0f} B; background {r['background_cores']}"
+            )
+    lines.append("checked: " + "; ".join(sorted({r["checked"] for r in report["runs"][-1]})))
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Encoding events into stream fields and decoding them back, with upgrades from the
+previous schema version and a precise reason for everything that cannot be decoded.
+
+Stream fields of an ingest entry:
+
+- ``event``: the event JSON (required);
+- ``replay_of`` / ``replay_key``: set only by the dead letter replay, the original
+  entry id and the idempotency key the replay is applied under.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from events.envelope import (
+    EVENT_ADAPTER,
+    OLDEST_SUPPORTED_VERSION,
+    SCHEMA_VERSION,
+    EventType,
+    LifecycleEvent,
+    MemoryEvent,
+)
+from events.errors import DecodeError, NewerSchemaError
+
+EVENT_FIELD = "event"
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+_STREAM_ID = re.compile(r"^\d+-\d+$")
+_KNOWN_TYPES = frozenset(t.value for t in EventType)
+#: A JSON escape of a UTF-16 surrogate; only text holding one can decode to a lone one
+#: (the text itself was checked to be UTF-8, so it holds no raw surrogates).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8 text: bytes that were not UTF-8 (read as lone surrogates)
+    become ``\\xNN`` escapes, so a dead letter can always be written."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """An event read from a stream entry, with the replay fields if any."""
+
+    event: MemoryEvent | LifecycleEvent
+    text: str
+    replay_of: str | None = None
+    replay_key: str | None = None
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The key a memory remembers the event by: the SHA-1 digest of the producer's
+        key (keys are free text, so none is kept in Redis as it is), or the replay key
+        (a digest already: the replay script made it)."""
+        if self.replay_key:
+            return self.replay_key
+        key = self.event.idempotency_key
+        return hashlib.sha1(key.encode("utf-8")).hexdigest() if key else None
+
+
+def encode(event: MemoryEvent | LifecycleEvent) -> dict[str, str]:
+    """The stream fields of an event."""
+    return {EVENT_FIELD: event_json(event)}
+
+
+def event_json(event: MemoryEvent | LifecycleEvent) -> str:
+    return event.model_dump_json(exclude_none=True)
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 named the memory with one string, ``payload.memory_id`` =
+    ``tenant/resource/key``; version 2 splits it into ``payload.memory``."""
+    payload = data.get("payload")
+    if isinstance(payload, dict) and "memory_id" in payload:
+        memory_id = payload.pop("memory_id")
+        parts = memory_id.split("/", 2) if isinstance(memory_id, str) else []
+        if len(parts) != 3:
+            raise DecodeError("invalid", "payload.memory_id must be tenant/resource/key")
+        if parts[0] != data.get("tenant"):
+            raise DecodeError(
+                "invalid",
+                f"payload.memory_id names tenant {parts[0]!r}, the event {data.get('tenant')!r}",
+            )
+        payload["memory"] = {"resource": parts[1], "key": parts[2]}
+    data["schema_version"] = 2
+    return data
+
+
+_UPGRADES = {1: _upgrade_v1}
+
+
+def decode(fields: dict[str, str] | None, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Decoded:
+    """The event of a stream entry.
+
+    Raises DecodeError (dead-letter it with ``reason``) or NewerSchemaError (hold the
+    partition until the consumers are upgraded).
+    """
+    if not fields or EVENT_FIELD not in fields:
+        raise DecodeError("missing_field", f"the entry has no {EVENT_FIELD!r} field")
+    text = fields[EVENT_FIELD]
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise DecodeError(
+            "not_utf8", f"the event is not UTF-8 text (byte offset about {e.start})"
+        ) from e
+    if size > max_bytes:
+        raise DecodeError(
+            "oversized", f"the event is {size} bytes, over the {max_bytes}-byte limit"
+        )
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DecodeError("not_json", f"the event field is not JSON: {e}") from e
+    except RecursionError as e:
+        raise DecodeError("invalid", "the event is nested too deeply") from e
+    if not isinstance(data, dict):
+        raise DecodeError("invalid", "the event must be a JSON object")
+    try:
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DecodeError(
+            "invalid", "the event contains a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+        ) from e
+    event_id = str(data.get("event_id", ""))[:200]
+    tenant = str(data.get("tenant", ""))[:64]
+    version = data.get("schema_version")
+    if version is None:
+        raise DecodeError("missing_field", "the event has no schema_version", event_id=event_id)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DecodeError("invalid", "schema_version must be an integer", event_id=event_id)
+    if version > SCHEMA_VERSION:
+        raise NewerSchemaError(version, SCHEMA_VERSION)
+    if version < OLDEST_SUPPORTED_VERSION:
+        raise DecodeError(
+            "unsupported_version",
+            f"schema version {version} is no longer read; the oldest supported is "
+            f"{OLDEST_SUPPORTED_VERSION}, the current {SCHEMA_VERSION}",
+            event_id=event_id,
+            tenant=tenant,
+        )
+    for v in range(version, SCHEMA_VERSION):
+        data = _UPGRADES[v](data)
+    kind = data.get("type")
+    if kind not in _KNOWN_TYPES:
+        raise DecodeError(
+            "unknown_type",
+            f"unknown event type {kind!r}; known: {', '.join(t.value for t in EventType)}",
+            event_id=event_id,
+            tenant=tenant,
+        )
+    try:
+        event = EVENT_ADAPTER.validate_python(data)
+    except RecursionError as e:
+        raise DecodeError("invalid", "the event is nested too deeply", event_id=event_id) from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "(event)"
+        reason = "missing_field" if first["type"] == "missing" else "invalid"
+        raise DecodeError(
+            reason, f"{where}: {first['msg']}", event_id=event_id, tenant=tenant
+        ) from e
+    replay_of, replay_key = _replay_fields(fields)
+    return Decoded(event, text, replay_of, replay_key)
+
+
+def _replay_fields(fields: dict[str, str]) -> tuple[str | None, str | None]:
+    replay_of, replay_key = fields.get("replay_of"), fields.get("replay_key")
+    if replay_of is not None and not _STREAM_ID.match(replay_of):
+        raise DecodeError("invalid", "the replay_of field must be a stream id such as 1-0")
+    if replay_key is not None and (
+        not 0 < len(replay_key) <= 200 or printable(replay_key) != replay_key
+    ):
+        raise DecodeError("invalid", "the replay_key field must be 1 to 200 UTF-8 characters")
+    return replay_of, replay_key

@@ -1,0 +1,213 @@
+"""The event contract: one envelope for every event, with a typed payload.
+
+Events are JSON in one stream field, ``event``, so any language can publish them with a
+plain ``XADD <stream> * event <json>``. Memory events go to ``ingest:{p}`` of their
+memory's partition; lifecycle events go to ``lifecycle``. ``events/schema.json`` is the
+JSON Schema of the current version (``memstream schema events`` prints it).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from memory import FlushStrategy, MemoryRef, Message, is_sanitized
+from memory.ref import (
+    MAX_KEY_LENGTH,
+    RESOURCE_PATTERN,
+    SANITIZED_KEY_PATTERN,
+    TENANT_PATTERN,
+    check_resource_id,
+    check_tenant,
+)
+
+#: The schema version this code writes.
+SCHEMA_VERSION = 2
+#: The oldest schema version this code still reads (upgraded on decode).
+OLDEST_SUPPORTED_VERSION = 1
+
+MAX_ID_LENGTH = 200
+
+
+class EventType(enum.StrEnum):
+    MESSAGE_APPENDED = "message.appended"
+    MEMORY_CLEARED = "memory.cleared"
+    MEMORY_DELETED = "memory.deleted"
+    MEMORY_REPLACED = "memory.replaced"
+    FLUSH_REQUESTED = "flush.requested"
+    WORKFLOW_STARTED = "workflow.started"
+    WORKFLOW_TERMINATED = "workflow.terminated"
+
+
+class WorkflowStatus(enum.StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    TIMED_OUT = "timed_out"
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemoryName(_Model):
+    """A memory within the envelope's tenant: resource id and sanitized key."""
+
+    resource: str = Field(
+        description="the memory resource id, e.g. customer-support",
+        json_schema_extra={"pattern": RESOURCE_PATTERN},
+    )
+    key: str = Field(
+        description="the rendered key, sanitized (see the partition contract)",
+        json_schema_extra={"pattern": SANITIZED_KEY_PATTERN, "maxLength": MAX_KEY_LENGTH},
+    )
+
+    @field_validator("resource")
+    @classmethod
+    def _resource(cls, value: str) -> str:
+        return check_resource_id(value)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not is_sanitized(value):
+            raise ValueError(
+                "the key is not sanitized: see the sanitizer in docs/contract.md "
+                "(A-Z a-z 0-9 - _ . up to 128 characters, else a readable part, '~' and a "
+                "SHA-256 prefix)"
+            )
+        return value
+
+
+class MemoryPayload(_Model):
+    memory: MemoryName
+    workflow_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    agent_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+
+
+class AppendPayload(MemoryPayload):
+    message: Message
+
+
+class ReplacePayload(MemoryPayload):
+    messages: list[Message]
+
+
+class FlushPayload(MemoryPayload):
+    strategy: FlushStrategy | None = Field(
+        default=None, description="override the resource's strategy"
+    )
+    dry_run: bool = False
+
+
+class WorkflowPayload(_Model):
+    workflow_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+
+
+class TerminatedPayload(WorkflowPayload):
+    status: WorkflowStatus
+
+
+def _require_type_and_version(schema: dict[str, Any]) -> None:
+    """The decoder needs both, so every producer must write them."""
+    schema["required"] = [*schema.get("required", []), "schema_version", "type"]
+
+
+class _Envelope(_Model):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, json_schema_extra=_require_type_and_version
+    )
+
+    schema_version: Literal[2] = 2
+    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=MAX_ID_LENGTH)
+    tenant: str = Field(json_schema_extra={"pattern": TENANT_PATTERN})
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        description="a repeat with the same key, for the same memory, inside the "
+        "idempotency window is applied once",
+    )
+    partitions: int | None = Field(
+        default=None, ge=1, description="the partition count the producer routed with"
+    )
+    published_at_ms: int | None = Field(default=None, ge=0)
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return check_tenant(value)
+
+
+class _MemoryEvent(_Envelope):
+    payload: MemoryPayload
+
+    @property
+    def ref(self) -> MemoryRef:
+        return MemoryRef(self.tenant, self.payload.memory.resource, self.payload.memory.key)
+
+
+class MessageAppended(_MemoryEvent):
+    type: Literal[EventType.MESSAGE_APPENDED] = EventType.MESSAGE_APPENDED
+    payload: AppendPayload
+
+
+class MemoryCleared(_MemoryEvent):
+    type: Literal[EventType.MEMORY_CLEARED] = EventType.MEMORY_CLEARED
+    payload: MemoryPayload
+
+
+class MemoryDeleted(_MemoryEvent):
+    type: Literal[EventType.MEMORY_DELETED] = EventType.MEMORY_DELETED
+    payload: MemoryPayload
+
+
+class MemoryReplaced(_MemoryEvent):
+    type: Literal[EventType.MEMORY_REPLACED] = EventType.MEMORY_REPLACED
+    payload: ReplacePayload
+
+
+class FlushRequested(_MemoryEvent):
+    type: Literal[EventType.FLUSH_REQUESTED] = EventType.FLUSH_REQUESTED
+    payload: FlushPayload
+
+
+class WorkflowStarted(_Envelope):
+    type: Literal[EventType.WORKFLOW_STARTED] = EventType.WORKFLOW_STARTED
+    payload: WorkflowPayload
+
+
+class WorkflowTerminated(_Envelope):
+    type: Literal[EventType.WORKFLOW_TERMINATED] = EventType.WORKFLOW_TERMINATED
+    payload: TerminatedPayload
+
+
+MemoryEvent = MessageAppended | MemoryCleared | MemoryDeleted | MemoryReplaced | FlushRequested
+LifecycleEvent = WorkflowStarted | WorkflowTerminated
+Event = Annotated[MemoryEvent | LifecycleEvent, Field(discriminator="type")]
+MEMORY_EVENT_TYPES: tuple[type[_MemoryEvent], ...] = (
+    MessageAppended,
+    MemoryCleared,
+    MemoryDeleted,
+    MemoryReplaced,
+    FlushRequested,
+)
+
+EVENT_ADAPTER: TypeAdapter[MemoryEvent | LifecycleEvent] = TypeAdapter(Event)
+
+
+def memory_payload(
+    ref: MemoryRef, workflow_id: str | None, agent_id: str | None
+) -> dict[str, object]:
+    return {
+        "memory": {"resource": ref.resource, "key": ref.key},
+        "workflow_id": workflow_id,
+        "agent_id": agent_id,
+    }

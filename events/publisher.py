@@ -1,0 +1,433 @@
+"""The publisher SDK: publish memory events (one, or a batch in one round trip), get
+entry ids back, and optionally wait for each entry's outcome (read-your-writes)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from events.codec import DEFAULT_MAX_EVENT_BYTES, event_json
+from events.envelope import (
+    AppendPayload,
+    FlushPayload,
+    FlushRequested,
+    MemoryCleared,
+    MemoryDeleted,
+    MemoryEvent,
+    MemoryName,
+    MemoryPayload,
+    MemoryReplaced,
+    MessageAppended,
+    ReplacePayload,
+)
+from events.errors import (
+    PartiallyPublishedError,
+    PublishError,
+    PublishOutcomeUnknownError,
+    ReadOnlyError,
+    RedisUnavailableError,
+)
+from memory import (
+    FlushStrategy,
+    MemoryRef,
+    Message,
+    ResolvedMemory,
+    ResourceRegistry,
+    partition_for,
+)
+from store import (
+    TRANSIENT_ERRORS,
+    Keys,
+    MemoryReader,
+    Outcome,
+    OutcomeStatus,
+    RedisClient,
+    Scripts,
+    ensure_groups,
+    ensure_partitions,
+)
+
+T = TypeVar("T")
+UNKNOWN_OUTCOME = (
+    "the events may or may not be published; publish them again with the same "
+    "idempotency keys, they apply at most once"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where a published event went: its partition and stream entry id."""
+
+    partition: int
+    entry_id: str
+    event_id: str
+    idempotency_key: str
+
+    @property
+    def token(self) -> str:
+        """A read-your-writes token: ``<partition>/<entry id>``."""
+        return f"{self.partition}/{self.entry_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A published event: its receipt, and its outcome when waited for. An event the
+    memory's privacy policy never stores is not published at all: no receipt, and the
+    outcome says so."""
+
+    receipt: Receipt | None
+    outcome: Outcome | None = None
+
+
+class Publisher:
+    """Publishes memory events to their partitions' ingest streams."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        keys: Keys | None = None,
+        scripts: Scripts | None = None,
+        default_partitions: int = 16,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        registry: ResourceRegistry | None = None,
+    ) -> None:
+        """With ``registry`` (the memory resources and agents), messages are redacted by
+        their resource's privacy policy before they are written, non-persistable ones
+        are not written at all, and read-only agents are refused. Without it, the
+        appender still applies the policy, but the raw event stays in ingest:{p} until
+        retention trims it."""
+        self._client = client
+        self._registry = registry
+        self._keys = keys or Keys()
+        self._scripts = scripts or Scripts(client)
+        self._default_partitions = default_partitions
+        self._max_event_bytes = max_event_bytes
+        self._partitions: int | None = None
+        self._ready: set[int] = set()
+        self.reader = MemoryReader(client, self._scripts, self._keys)
+
+    async def partitions(self) -> int:
+        """The partition count stored in Redis (stored first if none is set)."""
+        if self._partitions is None:
+            self._partitions = await self._guard(
+                ensure_partitions(self._client, self._keys, self._default_partitions)
+            )
+        return self._partitions
+
+    async def _guard(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except TRANSIENT_ERRORS as e:
+            raise RedisUnavailableError(f"Redis is unreachable, nothing was published: {e}") from e
+
+    async def publish(
+        self, event: MemoryEvent, *, wait: bool = False, timeout: float = 10.0
+    ) -> Published:
+        """Publish one event; with ``wait``, return once its outcome is known."""
+        return (await self.publish_many([event], wait=wait, timeout=timeout))[0]
+
+    async def publish_many(
+        self, events: Sequence[MemoryEvent], *, wait: bool = False, timeout: float = 10.0
+    ) -> list[Published]:
+        """Publish a batch in one round trip, in order; entry ids come back in order.
+
+        Every event gets an idempotency key (its own, or its event id) and the partition
+        count it was routed with.
+        """
+        if not events:
+            return []
+        kept = [self._apply_policy(event) for event in events]
+        n = await self.partitions()
+        now = int(time.time() * 1000)
+        routed: list[tuple[int, MemoryEvent, str]] = []
+        for event in (e for e in kept if not isinstance(e, Outcome)):
+            stamped = event.model_copy(
+                update={
+                    "idempotency_key": event.idempotency_key or event.event_id,
+                    "partitions": n,
+                    "published_at_ms": event.published_at_ms or now,
+                }
+            )
+            text = event_json(stamped)
+            size = len(text.encode("utf-8"))
+            if size > self._max_event_bytes:
+                raise PublishError(
+                    f"event {event.event_id} is {size} bytes, over the "
+                    f"{self._max_event_bytes}-byte limit; split the content or raise "
+                    f"max_event_bytes on producers and workers"
+                )
+            routed.append((partition_for(stamped.ref.memory_id, n), stamped, text))
+        for p in sorted({p for p, _, _ in routed} - self._ready):
+            await self._guard(ensure_groups(self._scripts, self._keys, p))
+            self._ready.add(p)
+        replies = await self._send(routed) if routed else []
+        receipts = [
+            Receipt(p, str(entry_id), e.event_id, str(e.idempotency_key))
+            for (p, e, _), entry_id in zip(routed, replies, strict=True)
+        ]
+        outcomes: list[Outcome | None] = [None] * len(receipts)
+        if wait and receipts:
+            waited = await self.reader.wait_applied_many(
+                [(r.partition, r.entry_id, r.event_id) for r in receipts], timeout
+            )
+            outcomes = list(waited)
+        published = iter(zip(receipts, outcomes, strict=True))
+        return [
+            Published(None, item) if isinstance(item, Outcome) else Published(*next(published))
+            for item in kept
+        ]
+
+    def _apply_policy(self, event: MemoryEvent) -> MemoryEvent | Outcome:
+        """The event as its resource's privacy policy lets it be written (or the outcome
+        of not writing it); ReadOnlyError for an agent that may only read."""
+        if self._registry is None:
+            return event
+        ref = event.ref
+        agent_id = event.payload.agent_id
+        if self._registry.read_only(agent_id, ref.resource):
+            raise ReadOnlyError(
+                f"agent {agent_id!r} may only read {ref.resource} memories; nothing was published"
+            )
+        resource = self._registry.find(ref.resource)
+        if resource is None or not resource.privacy_policy.active:
+            return event
+        policy = resource.privacy_policy
+        if policy.matches(ref.key):
+            raise PublishError(
+                f"the memory key matches a redaction pattern of {ref.resource}: render keys "
+                f"from ids, never from personal data; nothing was published"
+            )
+        if isinstance(event, MessageAppended):
+            message = event.payload.message
+            if not policy.persists(message):
+                return Outcome(
+                    OutcomeStatus.REFUSED,
+                    reason="non_persistable",
+                    detail=f"{ref.resource} never stores these messages "
+                    f"(privacy_policy.non_persistable_message_types); nothing was published",
+                    event_id=event.event_id,
+                )
+            payload = event.payload.model_copy(update={"message": policy.redact(message)})
+            return event.model_copy(update={"payload": payload})
+        if isinstance(event, MemoryReplaced):
+            messages = [policy.redact(m) for m in event.payload.messages if policy.persists(m)]
+            replaced = event.payload.model_copy(update={"messages": messages})
+            return event.model_copy(update={"payload": replaced})
+        return event
+
+    async def _send(self, routed: list[tuple[int, MemoryEvent, str]]) -> list[str]:
+        """Publish the events, one script per partition (each all or none, in order), all
+        in one pipeline; the entry ids, in the order of ``routed``."""
+        by_partition: dict[int, list[int]] = {}
+        for i, (p, _, _) in enumerate(routed):
+            by_partition.setdefault(p, []).append(i)
+        ids: list[str | None] = [None] * len(routed)
+        failed: list[tuple[int, str]] = []
+        todo = list(by_partition)
+        for _ in range(2):  # a second round only for scripts Redis lost (NOSCRIPT)
+            replies = await self._pipeline(routed, by_partition, todo)
+            lost = []
+            for p, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    lost.append(p)
+                elif isinstance(reply, TRANSIENT_ERRORS) and not isinstance(reply, ResponseError):
+                    raise PublishOutcomeUnknownError(
+                        f"Redis failed ({reply}): {UNKNOWN_OUTCOME}",
+                        idempotency_keys=[str(e.idempotency_key) for _, e, _ in routed],
+                    ) from reply
+                elif isinstance(reply, BaseException):
+                    failed.extend((i, str(reply)) for i in by_partition[p])
+                else:
+                    for i, entry_id in zip(by_partition[p], reply, strict=True):
+                        ids[i] = str(entry_id)
+            if not lost:
+                break
+            await self._guard(self._scripts.load())
+            todo = lost
+        else:
+            failed.extend(
+                (i, "the publish script is missing") for p in todo for i in by_partition[p]
+            )
+        if not failed:
+            return [str(i) for i in ids]
+        if all(i is None for i in ids):
+            raise PublishError(f"Redis refused the events ({failed[0][1]}); nothing was published")
+        published = [
+            Receipt(p, str(ids[i]), e.event_id, str(e.idempotency_key))
+            for i, (p, e, _) in enumerate(routed)
+            if ids[i] is not None
+        ]
+        raise PartiallyPublishedError(
+            f"Redis refused {len(failed)} of {len(routed)} events ({failed[0][1]}); the "
+            f"others were published (each partition's events all or none): retry the "
+            f"refused ones",
+            published=published,
+            failed=sorted(failed),
+        )
+
+    async def _pipeline(
+        self,
+        routed: list[tuple[int, MemoryEvent, str]],
+        by_partition: dict[int, list[int]],
+        partitions: list[int],
+    ) -> list[Any]:
+        keys = [str(routed[i][1].idempotency_key) for p in partitions for i in by_partition[p]]
+        unknown = UNKNOWN_OUTCOME
+        calls = [
+            ([self._keys.ingest(p)], [routed[i][2] for i in by_partition[p]]) for p in partitions
+        ]
+        try:
+            if isinstance(self._client, RedisCluster):
+                # No scripts in cluster pipelines: one call per partition, concurrently
+                # (each goes to the node that owns the partition's slot).
+                return list(
+                    await asyncio.gather(
+                        *(self._scripts("publish_events", k, a) for k, a in calls),
+                        return_exceptions=True,
+                    )
+                )
+            pipe = self._client.pipeline(transaction=False)
+            for k, a in calls:
+                self._scripts.queue(pipe, "publish_events", k, a)
+            return list(await pipe.execute(raise_on_error=False))
+        except RedisTimeoutError as e:
+            raise PublishOutcomeUnknownError(
+                f"no reply from Redis ({e}): {unknown}", idempotency_keys=keys
+            ) from e
+        except RedisConnectionError as e:
+            # The client never re-sends, so failing to connect to a single server means
+            # nothing was sent; a cluster may have reached some of its nodes.
+            if "connecting" in str(e).lower() and not isinstance(self._client, RedisCluster):
+                raise RedisUnavailableError(
+                    f"Redis is unreachable, nothing was published: {e}"
+                ) from e
+            raise PublishOutcomeUnknownError(
+                f"the connection to Redis broke ({e}): {unknown}", idempotency_keys=keys
+            ) from e
+        except TRANSIENT_ERRORS as e:
+            raise PublishOutcomeUnknownError(
+                f"Redis failed ({e}): {unknown}", idempotency_keys=keys
+            ) from e
+
+    async def append_to(
+        self,
+        memory: ResolvedMemory,
+        message: Message,
+        *,
+        workflow_id: str | None = None,
+        agent_id: str | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        """Append to a memory an agent resolved from its configuration; ReadOnlyError if
+        the agent may only read it."""
+        if not memory.writable:
+            raise ReadOnlyError(
+                f"{memory.ref} is read-only for this agent ({memory.mode.value}); "
+                f"nothing was published"
+            )
+        return await self.append(
+            memory.ref,
+            message,
+            workflow_id=workflow_id,
+            agent_id=agent_id,
+            idempotency_key=idempotency_key,
+            wait=wait,
+            timeout=timeout,
+        )
+
+    async def wait_applied(self, receipt: Receipt, timeout: float = 10.0) -> Outcome:
+        """The receipt's outcome as soon as it is known (see MemoryReader.wait_applied)."""
+        return await self.reader.wait_applied(
+            receipt.partition, receipt.entry_id, timeout, event_id=receipt.event_id
+        )
+
+    # Conveniences that build the event.
+
+    async def append(
+        self,
+        ref: MemoryRef,
+        message: Message,
+        *,
+        workflow_id: str | None = None,
+        agent_id: str | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        event = MessageAppended(
+            tenant=ref.tenant,
+            idempotency_key=idempotency_key,
+            payload=AppendPayload(
+                memory=_name(ref), workflow_id=workflow_id, agent_id=agent_id, message=message
+            ),
+        )
+        return await self.publish(event, wait=wait, timeout=timeout)
+
+    async def replace(
+        self,
+        ref: MemoryRef,
+        messages: Sequence[Message],
+        *,
+        agent_id: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        """Replace the whole memory with ``messages`` (a new generation)."""
+        payload = ReplacePayload(memory=_name(ref), agent_id=agent_id, messages=list(messages))
+        event = MemoryReplaced(tenant=ref.tenant, payload=payload)
+        return await self.publish(event, wait=wait, timeout=timeout)
+
+    async def clear(
+        self,
+        ref: MemoryRef,
+        *,
+        agent_id: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        payload = MemoryPayload(memory=_name(ref), agent_id=agent_id)
+        event = MemoryCleared(tenant=ref.tenant, payload=payload)
+        return await self.publish(event, wait=wait, timeout=timeout)
+
+    async def delete(
+        self,
+        ref: MemoryRef,
+        *,
+        agent_id: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        payload = MemoryPayload(memory=_name(ref), agent_id=agent_id)
+        event = MemoryDeleted(tenant=ref.tenant, payload=payload)
+        return await self.publish(event, wait=wait, timeout=timeout)
+
+    async def request_flush(
+        self,
+        ref: MemoryRef,
+        *,
+        strategy: FlushStrategy | None = None,
+        dry_run: bool = False,
+        agent_id: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        payload = FlushPayload(
+            memory=_name(ref), strategy=strategy, dry_run=dry_run, agent_id=agent_id
+        )
+        event = FlushRequested(tenant=ref.tenant, payload=payload)
+        return await self.publish(event, wait=wait, timeout=timeout)
+
+
+def _name(ref: MemoryRef) -> MemoryName:
+    return MemoryName(resource=ref.resource, key=ref.key)

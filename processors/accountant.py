@@ -1,0 +1,84 @@
+"""The accountant: counts the tokens of every applied message (with its memory's model),
+keeps each memory's exact token total, and emits a flush request when a memory reaches
+its resource's threshold. It consumes ``changes:{p}``, the appender's change events."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+
+from memory import MemoryRef, ResourceRegistry
+from processors.port import Batch, Handled
+from processors.tokenizers import Tokenizers
+from store import Accounts, Group, MemoryCounts, StreamEntry
+
+log = logging.getLogger(__name__)
+
+
+def _wanted(entry: StreamEntry) -> tuple[str, int, list[int]] | None:
+    """(memory id, generation, sequences to count) of a change event, if it adds any."""
+    fields = entry.fields or {}
+    kind = fields.get("type")
+    try:
+        gen = int(fields.get("gen", ""))
+        if kind == "appended":
+            return fields["memory"], gen, [int(fields["seq"])]
+        if kind == "replaced" and int(fields.get("first_seq", 0)) > 0:
+            first, last = int(fields["first_seq"]), int(fields["last_seq"])
+            return fields["memory"], gen, list(range(first, last + 1))
+    except (KeyError, ValueError):
+        log.warning("change entry %s is malformed; skipped", entry.id)
+    return None
+
+
+class Accountant:
+    """The processor of ``changes:{p}``."""
+
+    group = Group.ACCOUNTANT
+
+    def __init__(
+        self, accounts: Accounts, registry: ResourceRegistry, tokenizers: Tokenizers
+    ) -> None:
+        self._accounts = accounts
+        self.registry = registry  # replaced as a whole on reload (SIGHUP)
+        self._tokenizers = tokenizers
+
+    async def process(self, batch: Batch) -> Handled:
+        wanted: dict[tuple[str, int], set[int]] = defaultdict(set)
+        for entry in batch.entries:
+            found = _wanted(entry)
+            if found is not None:
+                wanted[(found[0], found[1])].update(found[2])
+        by_memory: dict[str, set[int]] = defaultdict(set)
+        for (memory_id, _), wanted_seqs in wanted.items():
+            by_memory[memory_id] |= wanted_seqs
+        messages = await self._accounts.messages(batch.partition, by_memory) if by_memory else {}
+        counts = []
+        for (memory_id, gen), seqs in wanted.items():
+            resource = self.registry.find(MemoryRef.parse_id(memory_id).resource)
+            if resource is None:
+                continue  # its resource is no longer loaded: nothing to count it with
+            counter = self._tokenizers.for_resource(resource)
+            stored = messages.get(memory_id, {})
+            counts.append(
+                MemoryCounts(
+                    memory_id=memory_id,
+                    gen=gen,
+                    counts=[
+                        (seq, counter.message(stored[seq]))
+                        for seq in sorted(seqs)
+                        if seq in stored and stored[seq].gen == gen
+                    ],
+                    token_limit=resource.token_limit
+                    if resource.type.value in ("token_based", "buffer")
+                    else None,
+                    message_limit=resource.max_messages
+                    if resource.type.value in ("message_count_based", "buffer")
+                    else None,
+                    threshold=resource.flushing.summarize_threshold,
+                    request=uuid.uuid4().hex,
+                )
+            )
+        await self._accounts.apply(batch.lease, counts, [e.id for e in batch.entries])
+        return Handled()

@@ -1,0 +1,148 @@
+"""Wiring: settings -> Redis client (given URL or the embedded server), scripts, keys,
+resources and workers. Everything is built here once and passed down."""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+from memory import ResourceRegistry
+from processors.accountant import Accountant
+from processors.appender import Appender
+from processors.port import Processor
+from processors.runtime import Worker
+from processors.settings import Settings
+from processors.tokenizers import Tokenizers
+from store import (
+    Accounts,
+    ConnectionSetupError,
+    EmbeddedRedis,
+    Keys,
+    MemoryReader,
+    MemoryStore,
+    RedisClient,
+    Scripts,
+    connect,
+    describe,
+    ensure_partitions,
+    find_embedded,
+)
+
+log = logging.getLogger(__name__)
+
+NO_REDIS = (
+    "no Redis to talk to: set REDIS_URL, or start `memstream run all` first "
+    "(without REDIS_URL it starts an embedded Redis that other commands find)"
+)
+
+
+class App:
+    """The Redis connection and what is built on it, for one process."""
+
+    def __init__(self, settings: Settings, *, start_embedded: bool = False) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._start_embedded = start_embedded
+        self.embedded: EmbeddedRedis | None = None
+        self.url = ""
+        self._client: RedisClient | None = None
+        self._scripts: Scripts | None = None
+
+    @property
+    def client(self) -> RedisClient:
+        if self._client is None:
+            raise RuntimeError("App is not started: use 'async with App(...)'")
+        return self._client
+
+    @property
+    def scripts(self) -> Scripts:
+        if self._scripts is None:
+            raise RuntimeError("App is not started: use 'async with App(...)'")
+        return self._scripts
+
+    def _resolve_url(self) -> str:
+        if self.settings.redis_url:
+            return self.settings.redis_url
+        running = find_embedded()
+        if running is not None:
+            return running.url
+        if not self._start_embedded:
+            raise ConnectionSetupError(NO_REDIS)
+        self.embedded = EmbeddedRedis()
+        info = self.embedded.start()
+        log.info(
+            "started embedded Redis %s at %s (data in %s)", info.version, info.url, info.data_dir
+        )
+        return info.url
+
+    async def __aenter__(self) -> App:
+        self.url = self._resolve_url()
+        self._client = connect(self.url, cluster=self.settings.cluster or None)
+        self._scripts = Scripts(self._client, strict=self.settings.strict_script_keys)
+        try:
+            await self._scripts.load()
+        except Exception:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self.embedded is not None and self.embedded.owned:
+            self.embedded.stop()
+            log.info("stopped embedded Redis")
+
+    def describe(self) -> str:
+        return describe(self.url)
+
+    def registry(self) -> ResourceRegistry:
+        return ResourceRegistry.load(self.settings.resource_paths())
+
+    def registry_if_present(self) -> ResourceRegistry | None:
+        """The resources, for commands that can work without them (the SDK-side privacy
+        checks of ``publish``): None when none of the resource paths exists."""
+        paths = [p for p in self.settings.resource_paths() if p.exists()]
+        return ResourceRegistry.load(paths) if paths else None
+
+    def reader(self) -> MemoryReader:
+        return MemoryReader(self.client, self.scripts, self.keys)
+
+    async def partitions(self) -> int:
+        return await ensure_partitions(self.client, self.keys, self.settings.partitions)
+
+    async def accountant(
+        self, registry: ResourceRegistry, tokenizers: Tokenizers, worker_id: str | None = None
+    ) -> Worker:
+        accounts = Accounts(self.client, self.scripts, self.keys)
+        return await self._worker(Accountant(accounts, registry, tokenizers), worker_id)
+
+    async def appender(self, registry: ResourceRegistry, worker_id: str | None = None) -> Worker:
+        processor = Appender(
+            MemoryStore(self.scripts, self.keys, self.settings.retention()),
+            self.keys,
+            registry,
+            await self.partitions(),
+            max_event_bytes=self.settings.max_event_bytes,
+        )
+        return await self._worker(processor, worker_id)
+
+    async def _worker(self, processor: Processor, worker_id: str | None) -> Worker:
+        return Worker(
+            self.client,
+            self.scripts,
+            self.keys,
+            processor,
+            await self.partitions(),
+            self.settings.worker_config(),
+            worker_id,
+        )

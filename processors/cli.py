@@ -1,0 +1,322 @@
+"""The ``memstream`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from events import Publisher
+from events.schema import event_schema_text
+from memory import AgentResource, DomainError, MemoryRef, MemoryResource, Message, Role
+from processors import dlq as dead_letters
+from processors.accountant import Accountant
+from processors.app import App
+from processors.appender import Appender
+from processors.clitools import EXIT_REFUSED, command, settings_from
+from processors.logs import setup_logging
+from processors.resources import resources
+from processors.runtime import Worker
+from processors.status import as_json, group_status, render
+from processors.tokenizers import Tokenizers
+from store import Group
+
+PROCESSORS = ("appender", "accountant", "all")
+log = logging.getLogger(__name__)
+
+
+def _ref(text: str, stored: bool = False) -> MemoryRef:
+    """REF is TENANT/RESOURCE/KEY with the key as rendered (sanitized here), or with
+    ``--stored-key`` the key as stored (as ``read --json`` and the dead letters show it)."""
+    try:
+        if stored:
+            tenant, resource, key = [*text.split("/", 2), "", ""][:3]
+            return MemoryRef(tenant, resource, key)
+        return MemoryRef.parse(text)
+    except DomainError as e:
+        raise click.BadParameter(str(e), param_hint="REF") from e
+
+
+STORED_KEY = click.option(
+    "--stored-key", is_flag=True, help="KEY is the stored (sanitized) key, not the rendered one"
+)
+
+
+@click.group()
+@click.version_option(package_name="memstream")
+def main() -> None:
+    """memstream: shared, token-budgeted conversation memory for LLM agents, on Redis Streams.
+
+    Without REDIS_URL, `memstream run` starts an embedded Redis and every other command
+    finds it.
+    """
+
+
+@main.command()
+@click.argument("processor", type=click.Choice(PROCESSORS), default="all")
+@click.option("--resources", help="colon-separated folders or files of memory resources")
+@click.option("--partitions", type=int, help="partition count, stored on first start")
+@click.option("--until-idle", is_flag=True, help="stop once every owned partition is idle")
+@command
+async def run(
+    processor: str, resources: str | None, partitions: int | None, until_idle: bool
+) -> None:
+    """Run processors (all of them in one process by default)."""
+    settings = settings_from(resources=resources, partitions=partitions)
+    setup_logging(settings.log_level, settings.log_format)
+    registry = App(settings).registry()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with App(settings, start_embedded=True) as app:
+        workers = []
+        if processor in ("appender", "all"):
+            workers.append(await app.appender(registry))
+        if processor in ("accountant", "all"):
+            workers.append(await app.accountant(registry, Tokenizers()))
+        loop.add_signal_handler(signal.SIGHUP, reload_resources, workers)
+        click.echo(
+            f"memstream {processor}: {len(registry)} resource(s), {workers[0].partitions} "
+            f"partitions, Redis at {app.describe()}; Ctrl-C stops",
+            err=True,
+        )
+        async with asyncio.TaskGroup() as tg:
+            for worker in workers:
+                tg.create_task(worker.run(stop, until_idle=until_idle))
+
+
+def reload_resources(workers: list[Worker]) -> None:
+    """SIGHUP: read the resource files again; keep the loaded ones if any file fails."""
+    processors = [w.processor for w in workers if isinstance(w.processor, Appender | Accountant)]
+    if not processors:
+        return
+    try:
+        fresh = processors[0].registry.reload()
+    except DomainError as e:
+        log.error("resources not reloaded, the loaded ones stay in use: %s", e)
+        return
+    for processor in processors:
+        processor.registry = fresh
+    log.info(
+        "resources reloaded: %d memory resource(s), %d agent(s)", len(fresh), len(fresh.agents)
+    )
+
+
+@main.command()
+@click.argument("ref")
+@click.option(
+    "--role", type=click.Choice([r.value for r in Role]), default="user", show_default=True
+)
+@click.option("--content", required=True, help="the message text")
+@click.option("--name", help="the author's name")
+@click.option("--workflow", "workflow_id", help="the workflow writing the memory")
+@click.option("--agent", "agent_id", help="the agent writing the memory")
+@click.option("--idempotency-key", help="a repeat with the same key is applied once")
+@click.option("--wait", is_flag=True, help="wait for the outcome (applied, or refused and why)")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--json", "as_json_out", is_flag=True, help="print JSON")
+@STORED_KEY
+@command
+async def publish(
+    ref: str,
+    role: str,
+    content: str,
+    name: str | None,
+    workflow_id: str | None,
+    agent_id: str | None,
+    idempotency_key: str | None,
+    wait: bool,
+    timeout: float,
+    as_json_out: bool,
+    stored_key: bool,
+) -> None:
+    """Append a message to the memory REF (TENANT/RESOURCE/KEY)."""
+    memory = _ref(ref, stored_key)
+    try:
+        message = Message(role=Role(role), content=content, name=name)
+    except ValidationError as e:
+        raise click.BadParameter(e.errors()[0]["msg"]) from e
+    settings = settings_from()
+    async with App(settings) as app:
+        publisher = Publisher(
+            app.client,
+            keys=app.keys,
+            scripts=app.scripts,
+            default_partitions=settings.partitions,
+            max_event_bytes=settings.max_event_bytes,
+            registry=app.registry_if_present(),
+        )
+        published = await publisher.append(
+            memory,
+            message,
+            workflow_id=workflow_id,
+            agent_id=agent_id,
+            idempotency_key=idempotency_key,
+            wait=wait,
+            timeout=timeout,
+        )
+    r, outcome = published.receipt, published.outcome
+    if r is None:
+        assert outcome is not None
+        if as_json_out:
+            click.echo(json.dumps({"outcome": {k: v for k, v in vars_of(outcome).items() if v}}))
+        else:
+            click.echo(f"not published: {outcome.reason}: {outcome.detail}")
+        sys.exit(EXIT_REFUSED)
+    if as_json_out:
+        data: dict[str, Any] = {
+            "token": r.token,
+            "partition": r.partition,
+            "entry_id": r.entry_id,
+            "event_id": r.event_id,
+            "idempotency_key": r.idempotency_key,
+        }
+        if outcome is not None:
+            data["outcome"] = {k: v for k, v in vars_of(outcome).items() if v is not None}
+        click.echo(json.dumps(data))
+    else:
+        click.echo(f"published {r.token} (partition {r.partition}, entry {r.entry_id})")
+        if outcome is not None:
+            if outcome.ok:
+                click.echo(f"{outcome.status}: seq {outcome.seq}, generation {outcome.gen}")
+            else:
+                click.echo(f"{outcome.status}: {outcome.reason}: {outcome.detail}")
+    if outcome is not None and not outcome.ok:
+        sys.exit(EXIT_REFUSED)
+
+
+def vars_of(obj: object) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in getattr(obj, "__slots__", ())}
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--last", type=click.IntRange(min=1), help="the newest N messages")
+@click.option("--after", type=click.IntRange(min=0), help="messages after this sequence (a page)")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="page size with --after",
+)
+@click.option("--json", "as_json_out", is_flag=True, help="print JSON")
+@STORED_KEY
+@command
+async def read(
+    ref: str, last: int | None, after: int | None, limit: int, as_json_out: bool, stored_key: bool
+) -> None:
+    """Print the memory REF (TENANT/RESOURCE/KEY), oldest message first."""
+    memory = _ref(ref, stored_key)
+    if last is not None and after is not None:
+        raise click.UsageError("pass --last or --after, not both")
+    async with App(settings_from()) as app:
+        view = await app.reader().read(memory, last=last, after=after, limit=limit)
+    if as_json_out:
+        click.echo(
+            json.dumps(
+                {
+                    "memory": memory.memory_id,
+                    "partition": view.partition,
+                    "exists": view.exists,
+                    "generation": view.generation,
+                    "count": view.count,
+                    "watermark": view.watermark,
+                    "next_after": view.next_after,
+                    "messages": [
+                        m.model_dump(mode="json", exclude_none=True) for m in view.messages
+                    ],
+                }
+            )
+        )
+        return
+    if not view.exists:
+        click.echo(f"# {memory.memory_id}: no such memory (generation {view.generation})")
+        return
+    click.echo(
+        f"# {memory.memory_id}: generation {view.generation}, {view.count} message(s), "
+        f"showing {len(view.messages)}"
+    )
+    for m in view.messages:
+        content = m.content if isinstance(m.content, str) else json.dumps(m.model_dump()["content"])
+        who = f"{m.role.value}({m.name})" if m.name else m.role.value
+        click.echo(f"[{m.seq}] {who}: {content}")
+
+
+@main.command()
+@click.argument("ref")
+@STORED_KEY
+@command
+async def recount(ref: str, stored_key: bool) -> None:
+    """Recompute the token total of REF from its messages and compare it with the
+    accountant's (they agree once the accountant has caught up)."""
+    memory = _ref(ref, stored_key)
+    settings = settings_from()
+    async with App(settings) as app:
+        resource = app.registry().get_resource(memory.resource)
+        counter = Tokenizers().for_resource(resource)
+        view = await app.reader().read(memory)
+    recomputed = sum(counter.message(m) for m in view.messages)
+    stored = sum(c for c in view.token_counts if c is not None)
+    lagging = view.count - view.counted
+    click.echo(
+        f"{memory.memory_id}: {view.count} message(s); total {view.tokens} "
+        f"(stored counts add up to {stored}); recomputed {recomputed} with {counter.name}"
+        + (f"; {lagging} not counted yet" if lagging else "")
+    )
+    if lagging == 0 and recomputed != view.tokens:
+        click.echo("error: the stored total disagrees with the messages", err=True)
+        sys.exit(EXIT_REFUSED)
+
+
+@main.command()
+@click.option("--json", "as_json_out", is_flag=True, help="print JSON")
+@command
+async def status(as_json_out: bool) -> None:
+    """Partitions, owners, fencing tokens, lag and dead letters."""
+    settings = settings_from()
+    async with App(settings) as app:
+        info = await app.client.info("server")
+        ttl = int(settings.lease_ttl * 1000)
+        result = await group_status(app.client, app.scripts, app.keys, Group.APPENDER, ttl)
+        counting = await group_status(app.client, app.scripts, app.keys, Group.ACCOUNTANT, ttl)
+        if as_json_out:
+            data = {"redis": app.describe(), **as_json(result), "accountant": as_json(counting)}
+            click.echo(json.dumps(data))
+            return
+        version = info.get("redis_version", "?") if isinstance(info, dict) else "?"
+        click.echo(
+            f"redis: {app.describe()} (version {version}), {len(result.partitions)} partitions"
+        )
+        click.echo(render(result))
+        click.echo(render(counting))
+
+
+@main.command()
+@click.argument("what", type=click.Choice(["events", "resource", "agent"]), default="events")
+def schema(what: str) -> None:
+    """Print a JSON Schema: the event contract, or a resource file's format (memory
+    resource or agent), for editors."""
+    if what == "events":
+        click.echo(event_schema_text(), nl=False)
+    else:
+        model = MemoryResource if what == "resource" else AgentResource
+        click.echo(json.dumps(model.model_json_schema(), indent=2, sort_keys=True))
+
+
+main.add_command(dead_letters.dlq)
+main.add_command(resources)
+
+__all__ = ["main"]
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

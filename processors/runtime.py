@@ -1,0 +1,219 @@
+"""The partitioned consumer runtime: membership with heartbeats, rendezvous assignment,
+leases with fencing, one loop per owned partition, rebalancing and graceful shutdown.
+
+The same runtime serves every partitioned processor; each runs as its own consumer
+group with its own membership and leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+
+from processors.assignment import assigned
+from processors.partition import LoopConfig, PartitionLoop, PartitionState
+from processors.port import Processor
+from store import (
+    TRANSIENT_ERRORS,
+    Keys,
+    Leases,
+    PartitionStreams,
+    RedisClient,
+    Scripts,
+    ensure_groups,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    lease_ttl_ms: int = 10_000
+    heartbeat_ms: int = 1_000
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_ms * 3 > self.lease_ttl_ms:
+            raise ValueError(
+                f"heartbeat ({self.heartbeat_ms} ms) must be at most a third of the lease "
+                f"TTL ({self.lease_ttl_ms} ms), so a lease is renewed several times before "
+                f"it can expire"
+            )
+
+
+def new_worker_id() -> str:
+    host = socket.gethostname().split(".")[0][:24] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Worker:
+    """One worker of one processor: owns some partitions, processes them, gives them up."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        scripts: Scripts,
+        keys: Keys,
+        processor: Processor,
+        partitions: int,
+        config: WorkerConfig | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.config = config or WorkerConfig()
+        self.id = worker_id or new_worker_id()
+        self.group = processor.group
+        self.partitions = partitions
+        self._client = client
+        self._scripts = scripts
+        self._keys = keys
+        self._processor = processor
+        self.leases = Leases(scripts, keys, self.group.value, self.config.lease_ttl_ms)
+        self.streams = PartitionStreams(client, scripts, keys, self.group)
+        self.owned: dict[int, PartitionState] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._groups_ready: set[int] = set()
+        self.members: list[str] = []
+        self.rebalances = 0
+        self._task_group: asyncio.TaskGroup | None = None
+
+    @property
+    def processor(self) -> Processor:
+        return self._processor
+
+    @property
+    def member_ttl_ms(self) -> int:
+        return self.config.lease_ttl_ms
+
+    async def heartbeat(self, *, leave: bool = False) -> list[str]:
+        reply = await self._scripts(
+            "heartbeat",
+            [self._keys.members(self.group.value)],
+            [self.id, self.member_ttl_ms, "1" if leave else "0"],
+        )
+        return [str(m) for m in reply]
+
+    async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
+        """Run until ``stop`` is set (or, with ``until_idle``, until every partition this
+        worker should own is owned and has nothing left to process)."""
+        log.info("worker %s (%s) starting", self.id, self.group.value)
+        try:
+            # One task group holds the loops of the owned partitions: leaving it waits
+            # for every loop to finish its batch and release its lease.
+            async with asyncio.TaskGroup() as tasks:
+                self._task_group = tasks
+                try:
+                    while not stop.is_set():
+                        await self._tick()
+                        if until_idle and self._idle():
+                            break
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self.config.heartbeat_ms / 1000):
+                                await stop.wait()
+                finally:
+                    for state in self.owned.values():
+                        state.stop.set()
+        finally:
+            self._task_group = None
+            await self.shutdown()
+
+    def _idle(self) -> bool:
+        desired = assigned(self.id, self.members, self.partitions)
+        return (
+            bool(self.members)
+            and set(self.owned) == desired
+            and all(s.idle and not s.stop.is_set() for s in self.owned.values())
+        )
+
+    async def _tick(self) -> None:
+        try:
+            members: list[str] | None = await self.heartbeat()
+        except TRANSIENT_ERRORS as e:
+            # Leases are still renewed (a refresh writes nothing new, so it works even
+            # when Redis refuses writes for lack of memory); nothing new is taken.
+            log.warning("worker %s: heartbeat failed (%s)", self.id, e)
+            members = None
+        if members is not None and members != self.members:
+            if self.members:
+                self.rebalances += 1
+                log.info("worker %s: members now %s", self.id, ", ".join(members))
+            self.members = members
+        desired = assigned(self.id, self.members, self.partitions)
+        await self._keep(desired)
+        if members is None:
+            return
+        for p in sorted(desired - set(self.owned)):
+            try:
+                await self._acquire(p)
+            except TRANSIENT_ERRORS as e:
+                log.warning("worker %s: cannot acquire partition %d (%s)", self.id, p, e)
+
+    async def _keep(self, desired: set[int]) -> None:
+        """Renew the leases of the partitions to keep; let the others go."""
+        for p, state in list(self.owned.items()):
+            if self._tasks[p].done():
+                del self.owned[p], self._tasks[p]
+                continue
+            if p not in desired:
+                state.stop.set()
+                continue
+            try:
+                if not await self.leases.refresh(state.lease):
+                    log.warning("worker %s: lease on partition %d lost", self.id, p)
+                    state.lost = True
+                    state.stop.set()
+            except TRANSIENT_ERRORS as e:
+                log.warning("worker %s: lease refresh failed (%s)", self.id, e)
+
+    async def _acquire(self, p: int) -> None:
+        if p not in self._groups_ready:
+            await ensure_groups(self._scripts, self._keys, p)
+            self._groups_ready.add(p)
+        lease = await self.leases.acquire(p, self.id)
+        if lease is None:
+            return
+        state = PartitionState(p, lease)
+        loop = PartitionLoop(
+            scripts=self._scripts,
+            keys=self._keys,
+            streams=self.streams,
+            processor=self._processor,
+            consumer=self.id,
+            config=self.config.loop,
+            state=state,
+        )
+        self.owned[p] = state
+        if self._task_group is None:
+            raise RuntimeError("partitions are acquired only while the worker runs")
+        self._tasks[p] = self._task_group.create_task(self._own(loop), name=f"{self.group}-{p}")
+        log.info("worker %s: acquired partition %d (fence %d)", self.id, p, lease.fence)
+
+    async def _own(self, loop: PartitionLoop) -> None:
+        state = loop.state
+        try:
+            await loop.run()
+        except Exception:  # never let one partition abort the others (the task group)
+            log.exception("worker %s: partition %d loop failed", self.id, state.partition)
+        finally:
+            if not state.lost:
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await self.leases.release(state.lease)
+                log.info("worker %s: released partition %d", self.id, state.partition)
+
+    async def shutdown(self) -> None:
+        """Finish the batches in flight, release every lease, leave the membership (the
+        end of ``run``; callable on its own for a worker that was never run)."""
+        for state in self.owned.values():
+            state.stop.set()
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.owned.clear()
+        self._tasks.clear()
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self.heartbeat(leave=True)
+        log.info("worker %s (%s) stopped", self.id, self.group.value)

@@ -1,0 +1,179 @@
+"""Process settings from the environment (and CLI flags), built once in the CLI."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from memory import parse_duration
+from processors.partition import LoopConfig
+from processors.runtime import WorkerConfig
+from store import Retention
+
+
+def _seconds(value: object) -> float:
+    if not isinstance(value, str | int | float):
+        raise ValueError("write a duration such as 10s, 5m or 24h")
+    return parse_duration(value)
+
+
+class Settings(BaseSettings):
+    """Every setting of a memstream process. Environment variables are ``MEMSTREAM_<NAME>``
+    (``REDIS_URL`` also works for the URL); durations accept ``30s``, ``5m``, ``24h``."""
+
+    model_config = SettingsConfigDict(env_prefix="MEMSTREAM_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "MEMSTREAM_REDIS_URL"),
+        description="Redis URL; unset: the embedded server",
+    )
+    cluster: bool = Field(default=False, description="treat REDIS_URL as a Redis Cluster")
+    namespace: str = Field(default="ms", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    partitions: int = Field(
+        default=16, ge=1, le=16384, description="partition count stored on first start"
+    )
+    resources: str = Field(
+        default="memories", description="colon-separated folders or files of memory resources"
+    )
+    lease_ttl: float = Field(default=10.0, description="partition lease TTL (at least 5s)")
+    heartbeat: float = Field(default=1.0, description="membership heartbeat and lease refresh")
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    block: float = Field(default=1.0, description="longest wait for new entries")
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    idempotency_window: float = Field(default=86400.0)
+    tombstone_ttl: float = Field(default=7 * 86400.0)
+    outcome_ttl: float = Field(default=600.0)
+    max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    trim_interval: float = Field(default=5.0)
+    exact_trim: bool = Field(
+        default=True,
+        description="trim exactly what is acknowledged; false lets Redis trim whole nodes only "
+        "(cheaper, but raw events can linger)",
+    )
+    strict_script_keys: bool = Field(
+        default=False, description="fail any Lua script that touches an undeclared key"
+    )
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator(
+        "lease_ttl",
+        "heartbeat",
+        "block",
+        "idempotency_window",
+        "tombstone_ttl",
+        "outcome_ttl",
+        "trim_interval",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return _seconds(value)
+
+    @field_validator("heartbeat")
+    @classmethod
+    def _heartbeat_floor(cls, value: float) -> float:
+        if value < 0.1:
+            raise ValueError("the heartbeat must be at least 0.1s")
+        return value
+
+    @field_validator("block")
+    @classmethod
+    def _block(cls, value: float) -> float:
+        if not 0.01 <= value <= 10:
+            raise ValueError(
+                "block must be between 0.01s and 10s (every command, a blocking read too, "
+                "must answer within the 15s socket timeout)"
+            )
+        return value
+
+    @field_validator("idempotency_window", "tombstone_ttl", "outcome_ttl")
+    @classmethod
+    def _bounded(cls, value: float) -> float:
+        if not 1 <= value <= 10 * 365 * 86400:
+            raise ValueError("must be between 1s and 3650d")
+        return value
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease(cls, value: float) -> float:
+        if value < 5:
+            raise ValueError("the lease TTL must be at least 5s, so busy workers keep their leases")
+        return value
+
+    @field_validator("heartbeat")
+    @classmethod
+    def _heartbeat(cls, value: float, info: ValidationInfo) -> float:
+        lease = info.data.get("lease_ttl")
+        if lease is not None and value * 3 > lease:
+            raise ValueError(
+                f"the heartbeat ({value:g}s) must be at most a third of lease_ttl ({lease:g}s), "
+                f"so a lease is renewed several times before it can expire"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _windows(self) -> Settings:
+        if self.tombstone_ttl < self.idempotency_window:
+            raise ValueError(
+                f"tombstone_ttl ({self.tombstone_ttl:g}s) must not be shorter than "
+                f"idempotency_window ({self.idempotency_window:g}s): a repeat after a delete "
+                f"would be applied again"
+            )
+        return self
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r}")
+        return value.upper()
+
+    def resource_paths(self) -> list[Path]:
+        return [Path(p) for p in self.resources.split(":") if p]
+
+    def retention(self) -> Retention:
+        return Retention(
+            idempotency_ms=int(self.idempotency_window * 1000),
+            tombstone_ms=int(self.tombstone_ttl * 1000),
+            outcome_ms=int(self.outcome_ttl * 1000),
+        )
+
+    def worker_config(self) -> WorkerConfig:
+        return WorkerConfig(
+            lease_ttl_ms=int(self.lease_ttl * 1000),
+            heartbeat_ms=int(self.heartbeat * 1000),
+            loop=LoopConfig(
+                batch_size=self.batch_size,
+                block_ms=int(self.block * 1000),
+                max_attempts=self.max_attempts,
+                outcome_ttl_ms=int(self.outcome_ttl * 1000),
+                trim_interval=self.trim_interval,
+                exact_trim=self.exact_trim,
+            ),
+        )
+
+
+#: Environment variables with the prefix that are not settings of a process.
+OTHER_VARIABLES = {"MEMSTREAM_STATE_DIR", "MEMSTREAM_TEST_REQUIRE"}
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """``MEMSTREAM_*`` variables that name no setting, each with a suggestion: a typo
+    must not be silently ignored."""
+    names = {f"MEMSTREAM_{name.upper()}" for name in Settings.model_fields}
+    problems = []
+    for variable in sorted(environ if environ is not None else os.environ):
+        if not variable.startswith("MEMSTREAM_") or variable in names | OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(variable, sorted(names | OTHER_VARIABLES), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"unknown environment variable {variable}{hint}")
+    return problems

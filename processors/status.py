@@ -1,0 +1,124 @@
+"""What ``memstream status`` shows: partitions, owners, fencing tokens, lag, dead letters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from store import TOPIC_GROUPS, Group, Keys, LeaseHolder, RedisClient, Scripts, get_partitions
+
+LAG_CAP = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionStatus:
+    partition: int
+    owner: str | None
+    fence: int | None
+    lease_ttl_ms: int | None
+    length: int
+    pending: int
+    lag: int | None  # entries not yet delivered; None when the group does not exist yet
+    dead_letters: int
+    held: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    group: str
+    members: list[str]
+    partitions: list[PartitionStatus]
+
+    @property
+    def total_lag(self) -> int:
+        return sum(p.lag or 0 for p in self.partitions)
+
+
+def _kv(flat: list[Any]) -> dict[str, Any]:
+    return {str(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+async def _lag(client: RedisClient, stream: str, group: dict[str, Any]) -> int:
+    if group.get("lag") is not None:  # Redis 7 keeps it
+        return int(group["lag"])
+    last = str(group.get("last-delivered-id", "0-0"))
+    entries = await client.xrange(stream, min=f"({last}" if last != "0-0" else "-", count=LAG_CAP)
+    return len(entries or [])
+
+
+async def group_status(
+    client: RedisClient, scripts: Scripts, keys: Keys, group: Group, member_ttl_ms: int
+) -> GroupStatus:
+    partitions = await get_partitions(client, keys)
+    members = [
+        str(m)
+        for m in await scripts("heartbeat", [keys.members(group.value)], ["", member_ttl_ms, "0"])
+    ]
+    topic = next(t for t, gs in TOPIC_GROUPS.items() if group in gs)
+    rows = []
+    for p in range(partitions):
+        stream = keys.topic(topic, p)
+        pipe = client.pipeline(transaction=False)
+        pipe.get(keys.lease(p, group.value))
+        pipe.pttl(keys.lease(p, group.value))
+        pipe.xlen(stream)
+        pipe.xlen(keys.dlq(p))
+        pipe.get(keys.held(p, group.value))
+        lease, ttl, length, dead, held = await pipe.execute()
+        pending, lag = 0, None
+        try:
+            infos = await client.execute_command("XINFO", "GROUPS", stream)
+        except ResponseError:
+            infos = []
+        for info in infos:
+            g = info if isinstance(info, dict) else _kv(info)
+            if g.get("name") == group.value:
+                pending = int(g.get("pending", 0))
+                lag = await _lag(client, stream, g)
+        rows.append(
+            PartitionStatus(
+                partition=p,
+                owner=LeaseHolder(lease, 0).worker if lease else None,
+                fence=LeaseHolder(lease, 0).fence if lease else None,
+                lease_ttl_ms=int(ttl) if lease and int(ttl) >= 0 else None,
+                length=int(length),
+                pending=pending,
+                lag=lag,
+                dead_letters=int(dead),
+                held=json.loads(held) if held else None,
+            )
+        )
+    return GroupStatus(group.value, members, rows)
+
+
+def render(status: GroupStatus) -> str:
+    lines = [
+        f"{status.group}: {len(status.members)} live worker(s)"
+        + (f": {', '.join(status.members)}" if status.members else ""),
+        f"{'p':>4}  {'owner':<28} {'fence':>6} {'length':>8} {'pending':>8} {'lag':>8} "
+        f"{'dlq':>6}  held",
+    ]
+    for p in status.partitions:
+        lag = "-" if p.lag is None else (f">={LAG_CAP}" if p.lag >= LAG_CAP else str(p.lag))
+        held = f"at {p.held['entry']}: {p.held['reason']}" if p.held else ""
+        fence = "-" if p.fence is None else str(p.fence)
+        lines.append(
+            f"{p.partition:>4}  {(p.owner or '(none)'):<28} {fence:>6} "
+            f"{p.length:>8} {p.pending:>8} {lag:>8} {p.dead_letters:>6}  {held}"
+        )
+    lines.append(
+        f"total: lag {status.total_lag}, pending {sum(p.pending for p in status.partitions)}, "
+        f"dead letters {sum(p.dead_letters for p in status.partitions)}"
+    )
+    return "\n".join(lines)
+
+
+def as_json(status: GroupStatus) -> dict[str, Any]:
+    return {
+        "group": status.group,
+        "members": status.members,
+        "partitions": [asdict(p) for p in status.partitions],
+    }

@@ -1,0 +1,71 @@
+"""Redis: connections, keys, Lua scripts, leases, the materialized memory and its reader."""
+
+from store.accounting import Accounts, MemoryCounts
+from store.config import ensure_partitions, get_partitions
+from store.connection import TRANSIENT_ERRORS, RedisClient, connect, describe, is_cluster_url
+from store.deadletters import DeadLetter, DeadLetters
+from store.embedded import EmbeddedRedis, RedisServerProcess, find_embedded, find_server_binary
+from store.errors import (
+    ConnectionSetupError,
+    LeaseLostError,
+    NotConfiguredError,
+    OutcomeMismatchError,
+    ScriptKeyError,
+    StoreError,
+    WaitTimeoutError,
+)
+from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, MemoryKeys, Topic
+from store.lease import Lease, LeaseHolder, Leases
+from store.memory import ApplyBatch, MemoryStore, Retention, Target
+from store.reader import MemoryReader, MemoryView, Outcome, OutcomeStatus
+from store.scripts import Scripts
+from store.streams import Claim, Delivery, PartitionStreams, Settle, StreamEntry, ensure_groups
+
+__all__ = [
+    "GROUP_TOPIC",
+    "TOPIC_GROUPS",
+    "TRANSIENT_ERRORS",
+    "Accounts",
+    "ApplyBatch",
+    "Claim",
+    "ConnectionSetupError",
+    "DeadLetter",
+    "DeadLetters",
+    "Delivery",
+    "EmbeddedRedis",
+    "Group",
+    "Keys",
+    "Lease",
+    "LeaseHolder",
+    "LeaseLostError",
+    "Leases",
+    "MemoryCounts",
+    "MemoryKeys",
+    "MemoryReader",
+    "MemoryStore",
+    "MemoryView",
+    "NotConfiguredError",
+    "Outcome",
+    "OutcomeMismatchError",
+    "OutcomeStatus",
+    "PartitionStreams",
+    "RedisClient",
+    "RedisServerProcess",
+    "Retention",
+    "ScriptKeyError",
+    "Scripts",
+    "Settle",
+    "StoreError",
+    "StreamEntry",
+    "Target",
+    "Topic",
+    "WaitTimeoutError",
+    "connect",
+    "describe",
+    "ensure_groups",
+    "ensure_partitions",
+    "find_embedded",
+    "find_server_binary",
+    "get_partitions",
+    "is_cluster_url",
+]

@@ -1,0 +1,62 @@
+"""Dead letters: listing them and replaying one (DESIGN rule 10)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from store.config import get_partitions
+from store.connection import RedisClient
+from store.keys import Keys
+from store.scripts import Scripts
+
+
+def _strings(fields: Mapping[Any, Any] | None) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (fields or {}).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    partition: int
+    id: str
+    fields: dict[str, str]
+
+    @property
+    def reason(self) -> str:
+        return self.fields.get("reason", "")
+
+
+class DeadLetters:
+    def __init__(self, client: RedisClient, scripts: Scripts, keys: Keys) -> None:
+        self._client = client
+        self._scripts = scripts
+        self._keys = keys
+
+    async def list(self, partition: int | None = None, count: int = 100) -> list[DeadLetter]:
+        """The oldest ``count`` dead letters of one partition, or of each partition."""
+        if partition is None:
+            partitions = list(range(await get_partitions(self._client, self._keys)))
+        else:
+            partitions = [partition]
+        found: list[DeadLetter] = []
+        for p in partitions:
+            for entry_id, fields in await self._client.xrange(self._keys.dlq(p), count=count) or []:
+                found.append(DeadLetter(p, str(entry_id), _strings(fields)))
+        return found
+
+    async def get(self, partition: int, letter_id: str) -> DeadLetter | None:
+        entries = await self._client.xrange(self._keys.dlq(partition), letter_id, letter_id)
+        if not entries:
+            return None
+        return DeadLetter(partition, str(entries[0][0]), _strings(entries[0][1]))
+
+    async def replay(self, partition: int, letter_id: str) -> str | None:
+        """Re-publish a dead letter's event to its ingest stream and remove the letter;
+        returns the new entry id, or None when there is no such dead letter."""
+        reply = await self._scripts(
+            "replay_dead_letter",
+            [self._keys.dlq(partition), self._keys.ingest(partition)],
+            [letter_id, f"dlq:{partition}:{letter_id}"],
+        )
+        return str(reply[1]) if reply[0] == "ok" else None

@@ -1,0 +1,137 @@
+"""Every Redis key name memstream uses, built here and nowhere else.
+
+All keys of a partition share one hash tag, ``{p}``, so one Lua script can check a
+lease, apply, emit and acknowledge atomically, on a single Redis and on a Cluster
+(where a partition is one slot). Global keys (configuration, membership) carry no
+partition tag. The layout, with the default namespace ``ms``::
+
+    ms:config                         hash: partitions (the partition count)
+    ms:members:<group>                zset: worker id -> last heartbeat (ms, Redis clock)
+    ms:ingest:{p}                     stream: memory events for partition p
+    ms:changes:{p}  ms:flush:{p}      streams: the appender's change events, flush requests
+    ms:dlq:{p}                        stream: dead letters of partition p
+    ms:lease:{p}:<group>              string: <fence>:<worker>:<random>, with a TTL
+    ms:fence:{p}:<group>              counter, never expires, INCR on every acquisition
+    ms:released:{p}:<group>           the fence of the last clean release
+    ms:attempts:{p}:<group>           hash: entry id -> counted attempts
+    ms:held:{p}:<group>               string: why the partition is held back (JSON)
+    ms:counters:{p}                   hash: seq, gen (never expire, never reused)
+    ms:out:{p}:<minute>               hash: entry id -> outcome (JSON), minute of the entry id
+    ms:m:{p}:<tenant>/<resource>/<key>:log   zset: seq -> message (JSON)
+    ms:m:{p}:<tenant>/<resource>/<key>:meta  hash: generation, counts, times
+    ms:m:{p}:<tenant>/<resource>/<key>:tomb  hash: watermark, generation, last reset
+    ms:m:{p}:<tenant>/<resource>/<key>:idem  zset: idempotency key digest -> expiry (ms)
+    ms:m:{p}:<tenant>/<resource>/<key>:tok   hash: seq -> token count (and gen)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+OUTCOME_BUCKET_MS = 60_000
+
+
+class Topic(StrEnum):
+    """The partitioned streams, named after what flows in them."""
+
+    INGEST = "ingest"
+    CHANGES = "changes"
+    FLUSH = "flush"
+
+
+class Group(StrEnum):
+    """Consumer groups: one per processor, named after it."""
+
+    APPENDER = "appender"
+    ACCOUNTANT = "accountant"
+    SUMMARIZER = "summarizer"
+
+
+#: The groups each topic must have before it may be trimmed (DESIGN rule 8).
+TOPIC_GROUPS: dict[Topic, tuple[Group, ...]] = {
+    Topic.INGEST: (Group.APPENDER,),
+    Topic.CHANGES: (Group.ACCOUNTANT,),
+    Topic.FLUSH: (Group.SUMMARIZER,),
+}
+
+#: The topic each group consumes.
+GROUP_TOPIC: dict[Group, Topic] = {
+    group: topic for topic, groups in TOPIC_GROUPS.items() for group in groups
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryKeys:
+    """The five keys of one memory."""
+
+    log: str
+    meta: str
+    tomb: str
+    idem: str
+    tok: str
+
+    def all(self) -> tuple[str, str, str, str, str]:
+        return (self.log, self.meta, self.tomb, self.idem, self.tok)
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one namespace."""
+
+    namespace: str = "ms"
+
+    @property
+    def config(self) -> str:
+        return f"{self.namespace}:config"
+
+    def members(self, group: str) -> str:
+        return f"{self.namespace}:members:{group}"
+
+    @staticmethod
+    def tag(partition: int) -> str:
+        return f"{{{partition}}}"
+
+    def topic(self, topic: Topic, partition: int) -> str:
+        return f"{self.namespace}:{topic.value}:{{{partition}}}"
+
+    def ingest(self, partition: int) -> str:
+        return self.topic(Topic.INGEST, partition)
+
+    def changes(self, partition: int) -> str:
+        return self.topic(Topic.CHANGES, partition)
+
+    def flush(self, partition: int) -> str:
+        return self.topic(Topic.FLUSH, partition)
+
+    def dlq(self, partition: int) -> str:
+        return f"{self.namespace}:dlq:{{{partition}}}"
+
+    def lease(self, partition: int, group: str) -> str:
+        return f"{self.namespace}:lease:{{{partition}}}:{group}"
+
+    def fence(self, partition: int, group: str) -> str:
+        return f"{self.namespace}:fence:{{{partition}}}:{group}"
+
+    def released(self, partition: int, group: str) -> str:
+        return f"{self.namespace}:released:{{{partition}}}:{group}"
+
+    def attempts(self, partition: int, group: str) -> str:
+        return f"{self.namespace}:attempts:{{{partition}}}:{group}"
+
+    def held(self, partition: int, group: str) -> str:
+        return f"{self.namespace}:held:{{{partition}}}:{group}"
+
+    def counters(self, partition: int) -> str:
+        return f"{self.namespace}:counters:{{{partition}}}"
+
+    def outcomes(self, partition: int, entry_id: str) -> str:
+        """The outcome bucket of an entry: one hash per minute of entry ids."""
+        minute = int(entry_id.split("-", 1)[0]) // OUTCOME_BUCKET_MS
+        return f"{self.namespace}:out:{{{partition}}}:{minute}"
+
+    def memory(self, partition: int, memory_id: str) -> MemoryKeys:
+        base = f"{self.namespace}:m:{{{partition}}}:{memory_id}"
+        return MemoryKeys(
+            f"{base}:log", f"{base}:meta", f"{base}:tomb", f"{base}:idem", f"{base}:tok"
+        )

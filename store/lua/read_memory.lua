@@ -1,0 +1,30 @@
+-- read_memory: a consistent snapshot of one memory: its meta, its tombstone, a window of
+-- its messages and their token counts (false where not counted yet).
+-- KEYS[1] log    zset: seq -> message JSON
+-- KEYS[2] meta   hash
+-- KEYS[3] tomb   hash
+-- KEYS[4] tok    hash: seq -> token count
+-- ARGV[1] mode   'last' (the newest N), 'after' (N after a sequence) or 'all'
+-- ARGV[2] n      how many messages (for 'last' and 'after')
+-- ARGV[3] after  the sequence to read after (for 'after')
+-- Returns {meta (flat), tomb (flat), messages (JSON texts, oldest first), counts}.
+local log, meta, tomb, tok = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local mode, n = ARGV[1], tonumber(ARGV[2])
+
+local messages
+if mode == 'last' then
+  local newest = rcall('ZREVRANGE', log, 0, n - 1)
+  messages = {}
+  for i = #newest, 1, -1 do messages[#messages + 1] = newest[i] end
+elseif mode == 'after' then
+  messages = rcall('ZRANGEBYSCORE', log, '(' .. ARGV[3], '+inf', 'LIMIT', 0, n)
+else
+  messages = rcall('ZRANGE', log, 0, -1)
+end
+local counts = {}
+if #messages > 0 then
+  local seqs = {}
+  for i, text in ipairs(messages) do seqs[i] = string.match(text, '^{"seq":(%d+)') end
+  counts = rcall('HMGET', tok, unpack(seqs))
+end
+return {rcall('HGETALL', meta), rcall('HGETALL', tomb), messages, counts}

@@ -1,0 +1,218 @@
+"""The materialized memory's write side: the appender's batch, applied by one fenced
+script (``apply_batch.lua``) that also records outcomes and acknowledges."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from store.errors import LeaseLostError
+from store.keys import Group, Keys
+from store.lease import Lease
+from store.scripts import Scripts
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long the store remembers what it needs for exactly-once apply."""
+
+    idempotency_ms: int = 24 * 3600 * 1000
+    tombstone_ms: int = 7 * 24 * 3600 * 1000
+    outcome_ms: int = 10 * 60 * 1000
+
+    def __post_init__(self) -> None:
+        if self.tombstone_ms < self.idempotency_ms:
+            raise ValueError(
+                "the tombstone TTL must not be shorter than the idempotency window: "
+                "a repeat after a delete would be applied again"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The entry an op comes from and the memory it changes."""
+
+    entry_id: str
+    memory_id: str
+    ttl_ms: int
+    event_id: str
+    idempotency_key: str | None = None
+    replay_of: str | None = None
+    letter_event: str | None = None  # what a dead letter of this op keeps as its event
+
+
+class ApplyBatch:
+    """The ops of one appender batch, in stream order, for ``MemoryStore.apply``."""
+
+    def __init__(self, keys: Keys, partition: int) -> None:
+        self._keys = keys
+        self.partition = partition
+        self.ops: list[dict[str, object]] = []
+        self.mems: list[dict[str, object]] = []
+        self._mem_index: dict[str, int] = {}
+        self.buckets: list[str] = []
+        self.size = 0  # bytes of event and message text, to keep script calls bounded
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    @property
+    def entry_ids(self) -> list[str]:
+        return [str(op["id"]) for op in self.ops]
+
+    def _bucket(self, entry_id: str) -> int:
+        bucket = self._keys.outcomes(self.partition, entry_id)
+        if bucket not in self.buckets:
+            self.buckets.append(bucket)
+        return self.buckets.index(bucket) + 1
+
+    def _memory(self, memory_id: str, ttl_ms: int) -> int:
+        index = self._mem_index.get(memory_id)
+        if index is None:
+            self.mems.append({"id": memory_id, "ttl": ttl_ms})
+            index = self._mem_index[memory_id] = len(self.mems)
+        return index
+
+    def _memory_op(self, kind: str, target: Target) -> dict[str, object]:
+        op: dict[str, object] = {
+            "id": target.entry_id,
+            "o": self._bucket(target.entry_id),
+            "k": kind,
+            "m": self._memory(target.memory_id, target.ttl_ms),
+            "ev": target.event_id,
+        }
+        if target.idempotency_key:
+            op["idem"] = target.idempotency_key
+        if target.replay_of:
+            op["replay"] = target.replay_of
+        if target.letter_event is not None:
+            op["lev"] = target.letter_event
+        self.ops.append(op)
+        return op
+
+    def append(self, target: Target, message: str) -> None:
+        """Append one message; ``message`` is its JSON object text (no ``seq`` field)."""
+        self._memory_op("append", target)["msgs"] = [_object_text(message)]
+        self.size += len(message)
+
+    def replace(self, target: Target, messages: Sequence[str]) -> None:
+        """Replace the whole memory (a new generation) with ``messages``."""
+        self._memory_op("replace", target)["msgs"] = [_object_text(m) for m in messages]
+        self.size += sum(len(m) for m in messages)
+
+    def command(self, kind: str, target: Target, fields: dict[str, str] | None = None) -> None:
+        """A clear, delete or flush request (``fields`` go into the flush request)."""
+        if kind not in ("clear", "delete", "flush"):
+            raise ValueError(f"unknown memory command {kind!r}")
+        op = self._memory_op(kind, target)
+        if fields:
+            op["fields"] = [x for kv in fields.items() for x in kv]
+
+    def dead_letter(
+        self,
+        entry_id: str,
+        *,
+        reason: str,
+        detail: str,
+        event: str,
+        source: str,
+        memory_id: str | None = None,
+        event_id: str = "",
+        replay_of: str | None = None,
+        replay_key: str | None = None,
+    ) -> None:
+        """Refuse an entry into the dead letter stream. A refused replay keeps its
+        ``replay_of`` and ``replay_key``, so replaying the letter stays safe."""
+        letter = {"event": event, "reason": reason, "detail": detail, "entry": entry_id}
+        letter["source"] = source
+        if memory_id:
+            letter["memory"] = memory_id
+        if replay_of:
+            letter["replay_of"] = replay_of
+        if replay_key:
+            letter["replay_key"] = replay_key
+        self.ops.append(
+            {
+                "id": entry_id,
+                "o": self._bucket(entry_id),
+                "k": "dlq",
+                "ev": event_id,
+                "reason": reason,
+                "detail": detail,
+                "letter": [x for kv in letter.items() for x in kv],
+            }
+        )
+        self.size += len(event)
+
+    def drop(self, entry_id: str, *, reason: str, detail: str, event_id: str = "") -> None:
+        """Refuse an entry by policy (not bad input): acknowledged with its outcome,
+        never stored and never dead-lettered."""
+        self.ops.append(
+            {
+                "id": entry_id,
+                "o": self._bucket(entry_id),
+                "k": "drop",
+                "ev": event_id,
+                "reason": reason,
+                "detail": detail,
+            }
+        )
+
+    def erased(self, entry_id: str) -> None:
+        self.ops.append({"id": entry_id, "o": self._bucket(entry_id), "k": "erased", "ev": ""})
+
+
+def _object_text(message: str) -> str:
+    text = message.strip()
+    if not (text.startswith("{") and text.endswith("}")) or text == "{}":
+        raise ValueError("a message must be a non-empty JSON object")
+    return text
+
+
+class MemoryStore:
+    """Applies appender batches to the materialized memory."""
+
+    def __init__(self, scripts: Scripts, keys: Keys, retention: Retention | None = None) -> None:
+        self._scripts = scripts
+        self._keys = keys
+        self.retention = retention or Retention()
+
+    async def apply(self, lease: Lease, batch: ApplyBatch) -> list[str]:
+        """Apply, record outcomes and acknowledge, in one fenced step.
+
+        Returns one status per op (applied, duplicate, skipped, refused, erased); raises
+        LeaseLostError, having changed nothing, when the lease is not held.
+        """
+        if not batch.ops:
+            return []
+        p = lease.partition
+        keys = self._keys
+        memory_keys = [k for mem in batch.mems for k in keys.memory(p, str(mem["id"])).all()]
+        reply = await self._scripts(
+            "apply_batch",
+            [
+                keys.lease(p, Group.APPENDER),
+                keys.ingest(p),
+                keys.changes(p),
+                keys.dlq(p),
+                keys.flush(p),
+                keys.counters(p),
+                keys.attempts(p, Group.APPENDER),
+                *batch.buckets,
+                *memory_keys,
+            ],
+            [
+                lease.value,
+                Group.APPENDER.value,
+                len(batch.buckets),
+                json.dumps(batch.ops, separators=(",", ":"), ensure_ascii=False),
+                json.dumps(batch.mems, separators=(",", ":"), ensure_ascii=False),
+                self.retention.idempotency_ms,
+                self.retention.tombstone_ms,
+                self.retention.outcome_ms,
+            ],
+        )
+        if reply[0] == "stale":
+            raise LeaseLostError(p, Group.APPENDER.value)
+        return [str(s) for s in reply[1]]

@@ -1,0 +1,201 @@
+"""The read side: materialized memories and the outcomes of published entries."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from memory import MemoryRef, StoredMessage, partition_for
+from store.config import get_partitions
+from store.connection import RedisClient
+from store.errors import OutcomeMismatchError, WaitTimeoutError
+from store.keys import Group, Keys
+from store.scripts import Scripts
+
+MAX_PAGE = 1000
+
+
+class OutcomeStatus(enum.StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # an idempotency key seen before, or an entry applied before
+    REFUSED = "refused"  # with the reason; dead-lettered unless the reason says otherwise
+    ERASED = "erased"  # the entry was deleted from the stream before it was applied
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one published entry."""
+
+    status: OutcomeStatus
+    reason: str | None = None
+    detail: str | None = None
+    seq: int | None = None
+    gen: int | None = None
+    event_id: str | None = None
+    dead_letter: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (OutcomeStatus.APPLIED, OutcomeStatus.DUPLICATE)
+
+    @classmethod
+    def from_json(cls, text: str) -> Outcome:
+        data: dict[str, Any] = json.loads(text)
+        return cls(
+            status=OutcomeStatus(data["status"]),
+            reason=data.get("reason"),
+            detail=data.get("detail"),
+            seq=data.get("seq"),
+            gen=data.get("gen"),
+            event_id=data.get("event") or None,
+            dead_letter=data.get("dead_letter"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryView:
+    """A window of one memory, read in one consistent snapshot."""
+
+    ref: MemoryRef
+    partition: int
+    exists: bool
+    generation: int
+    count: int
+    watermark: str
+    messages: list[StoredMessage] = field(default_factory=list)
+    created_ms: int | None = None
+    updated_ms: int | None = None
+    token_counts: list[int | None] = field(default_factory=list)  # per message; None: not yet
+    tokens: int = 0  # exact total of the counted messages
+    counted: int = 0  # how many messages are counted
+    flush_pending: bool = False  # a flush was requested for this generation
+
+    @property
+    def next_after(self) -> int | None:
+        """The sequence to pass as ``after`` for the next page, None when empty."""
+        return self.messages[-1].seq if self.messages else None
+
+
+class MemoryReader:
+    """Reads materialized memories and waits for published entries to be applied."""
+
+    def __init__(self, client: RedisClient, scripts: Scripts, keys: Keys) -> None:
+        self._client = client
+        self._scripts = scripts
+        self._keys = keys
+        self._partitions: int | None = None
+
+    async def partitions(self) -> int:
+        if self._partitions is None:
+            self._partitions = await get_partitions(self._client, self._keys)
+        return self._partitions
+
+    async def partition_of(self, ref: MemoryRef) -> int:
+        return partition_for(ref.memory_id, await self.partitions())
+
+    async def read(
+        self, ref: MemoryRef, *, last: int | None = None, after: int | None = None, limit: int = 100
+    ) -> MemoryView:
+        """The newest ``last`` messages, or up to ``limit`` messages after sequence
+        ``after``, or (neither given) the whole memory; oldest first."""
+        if last is not None and after is not None:
+            raise ValueError("pass either last or after, not both")
+        if last is not None:
+            mode, n, since = "last", last, 0
+        elif after is not None:
+            mode, n, since = "after", min(limit, MAX_PAGE), after
+        else:
+            mode, n, since = "all", 0, 0
+        if n < 0 or (mode != "all" and n == 0):
+            raise ValueError("last and limit must be positive")
+        p = await self.partition_of(ref)
+        k = self._keys.memory(p, ref.memory_id)
+        meta_flat, tomb_flat, texts, counts = await self._scripts(
+            "read_memory", [k.log, k.meta, k.tomb, k.tok], [mode, n, since]
+        )
+        meta = dict(zip(meta_flat[::2], meta_flat[1::2], strict=True))
+        tomb = dict(zip(tomb_flat[::2], tomb_flat[1::2], strict=True))
+        return MemoryView(
+            ref=ref,
+            partition=p,
+            exists=bool(meta),
+            generation=int(meta.get("gen") or tomb.get("gen") or 0),
+            count=int(meta.get("count") or 0),
+            watermark=str(tomb.get("wm") or "0-0"),
+            messages=[StoredMessage.model_validate_json(t) for t in texts],
+            token_counts=[int(c) if c else None for c in counts],
+            tokens=int(meta.get("tokens") or 0),
+            counted=int(meta.get("counted") or 0),
+            flush_pending=meta.get("flush_gen") == meta.get("gen") and "flush_gen" in meta,
+            created_ms=int(meta["created"]) if "created" in meta else None,
+            updated_ms=int(meta["updated"]) if "updated" in meta else None,
+        )
+
+    async def outcome(self, partition: int, entry_id: str) -> Outcome | None:
+        """The recorded outcome of an ingest entry, if known yet."""
+        text = await self._client.hget(self._keys.outcomes(partition, entry_id), entry_id)
+        return Outcome.from_json(str(text)) if text else None
+
+    async def wait_applied(
+        self, partition: int, entry_id: str, timeout: float = 10.0, *, event_id: str | None = None
+    ) -> Outcome:
+        """The entry's outcome as soon as it is known (applied, duplicate, refused with
+        the reason, or erased). Raises WaitTimeoutError after ``timeout`` seconds,
+        saying whether the partition is held back. With ``event_id``, an outcome recorded
+        for another event under the same entry id (possible only after Redis lost
+        acknowledged writes in a failover) raises OutcomeMismatchError."""
+        return (await self.wait_applied_many([(partition, entry_id, event_id)], timeout))[0]
+
+    async def wait_applied_many(
+        self, entries: Sequence[tuple[int, str, str | None]], timeout: float = 10.0
+    ) -> list[Outcome]:
+        """The outcomes of many (partition, entry id, event id or None) entries, in their
+        order, as soon as all are known: each poll asks for every one still unknown in one
+        pipelined round trip (see ``wait_applied``)."""
+        started = time.monotonic()
+        deadline = started + timeout
+        delay = 0.0005
+        found: dict[int, Outcome] = {}
+        while True:
+            todo = [i for i in range(len(entries)) if i not in found]
+            pipe = self._client.pipeline(transaction=False)
+            for i in todo:
+                partition, entry_id, _ = entries[i]
+                pipe.hget(self._keys.outcomes(partition, entry_id), entry_id)
+            for i, text in zip(todo, await pipe.execute(), strict=True):
+                if text:
+                    found[i] = self._checked(entries[i], Outcome.from_json(str(text)))
+            if len(found) == len(entries):
+                return [found[i] for i in range(len(entries))]
+            if time.monotonic() >= deadline:
+                partition, entry_id, _ = entries[min(set(range(len(entries))) - set(found))]
+                held = await self._client.get(self._keys.held(partition, Group.APPENDER))
+                why = f"; partition {partition} is held back: {held!s}" if held else ""
+                raise WaitTimeoutError(
+                    f"entry {entry_id} of partition {partition} was not applied within "
+                    f"{timeout:g}s{why}; it stays queued and may still be applied",
+                    partition=partition,
+                    entry_id=entry_id,
+                )
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            # Poll fast while an outcome is typically due, then ease off the server.
+            waited = time.monotonic() - started
+            delay = min(delay * 2, 0.005 if waited < 1.0 else 0.05)
+
+    @staticmethod
+    def _checked(entry: tuple[int, str, str | None], found: Outcome) -> Outcome:
+        partition, entry_id, event_id = entry
+        if event_id and found.event_id and found.event_id != event_id:
+            raise OutcomeMismatchError(
+                f"entry {entry_id} of partition {partition} holds the outcome of "
+                f"event {found.event_id}, not {event_id}: Redis lost the publish; "
+                f"publish again with the same idempotency key",
+                partition=partition,
+                entry_id=entry_id,
+            )
+        return found

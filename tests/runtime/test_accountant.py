@@ -1,0 +1,80 @@
+"""The accountant: exact token totals, counted once, and level-triggered flush requests."""
+
+from __future__ import annotations
+
+from memory import MemoryRef, Message, Role, partition_for
+from tests.runtime.conftest import PARTITIONS, TOKENIZERS, Rig, user
+
+REF = MemoryRef.parse("acme/customer-support/tokens-1")
+P = partition_for(REF.memory_id, PARTITIONS)
+
+
+async def caught_up(rig: Rig, ref: MemoryRef, count: int) -> bool:
+    """The memory holds ``count`` messages and the accountant has counted all of them."""
+    view = await rig.reader.read(ref)
+    return view.exists and view.count == count and view.counted == count
+
+
+async def test_every_message_is_counted_once_and_the_total_is_exact(rig: Rig) -> None:
+    rig.start("appender")
+    rig.start("accountant", rig.accountant())
+    messages = [
+        user("hello"),
+        Message(role=Role.ASSISTANT, content="Hi! How can I help you today?", name="bot"),
+        Message(role=Role.TOOL, content='{"status": "shipped"}', tool_call_id="call-1"),
+    ]
+    for m in messages:
+        await rig.publisher.append(REF, m)
+    await rig.eventually(lambda: caught_up(rig, REF, 3), what="the accountant")
+    view = await rig.reader.read(REF)
+    counter = TOKENIZERS.for_resource(rig.registry["customer-support"])
+    expected = [counter.message(m) for m in view.messages]
+    assert view.token_counts == expected
+    assert view.tokens == sum(expected)
+    assert not view.flush_pending
+
+
+async def test_crossing_the_threshold_requests_one_flush_per_generation(rig: Rig) -> None:
+    rig.start("appender")
+    rig.start("accountant", rig.accountant())
+    # customer-support: 4000 tokens, threshold 0.8 -> 3200.
+    words = " ".join(f"word{i}" for i in range(700))
+    for _ in range(5):
+        await rig.publisher.append(REF, user(words))
+    await rig.eventually(lambda: caught_up(rig, REF, 5), what="the accountant")
+    view = await rig.reader.read(REF)
+    assert view.tokens >= 3200 and view.flush_pending
+    requests = await rig.client.xrange(rig.keys.flush(P))
+    assert len(requests) == 1
+    assert requests[0][1]["memory"] == REF.memory_id and requests[0][1]["reason"] == "budget"
+    # Still over: more appends add no request (the mark is set for this generation).
+    await rig.publisher.append(REF, user(words))
+    await rig.eventually(lambda: caught_up(rig, REF, 6), what="the accountant")
+    assert len(await rig.client.xrange(rig.keys.flush(P))) == 1
+    # A new generation clears the mark: crossing again requests again.
+    await rig.publisher.clear(REF, wait=True)
+    for _ in range(5):
+        await rig.publisher.append(REF, user(words))
+    await rig.eventually(lambda: caught_up(rig, REF, 5), what="the accountant")
+    assert len(await rig.client.xrange(rig.keys.flush(P))) == 2
+
+
+async def test_a_count_for_a_message_cleared_meanwhile_is_not_applied(rig: Rig) -> None:
+    rig.start("appender")
+    for i in range(3):
+        await rig.publisher.append(REF, user(f"m{i}"))
+    await rig.publisher.clear(REF, wait=True)
+    await rig.publisher.append(REF, user("after the clear"), wait=True)
+    # The accountant starts late: it sees the old generation's changes first.
+    rig.start("accountant", rig.accountant())
+    await rig.eventually(lambda: caught_up(rig, REF, 1), what="the accountant")
+    view = await rig.reader.read(REF)
+    assert view.count == 1 and view.counted == 1
+    counter = TOKENIZERS.for_resource(rig.registry["customer-support"])
+    assert view.tokens == counter.message(view.messages[0])
+    p = partition_for(REF.memory_id, PARTITIONS)
+    await rig.eventually(lambda: _changes_trimmed(rig, p), timeout=10, what="changes trimmed")
+
+
+async def _changes_trimmed(rig: Rig, p: int) -> bool:
+    return int(await rig.client.xlen(rig.keys.changes(p))) == 0
