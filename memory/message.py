@@ -88,6 +88,14 @@ class StoredMessage(BaseModel):
     priority: int | None = None
     workflow: str | None = None
     agent: str | None = None
+    covers: list[int] | None = Field(
+        default=None,
+        description="a summary: the sequences of the messages it stands for, oldest first",
+    )
+
+    @property
+    def is_summary(self) -> bool:
+        return self.covers is not None
 
     def to_message(self) -> Message:
         return Message.model_validate(

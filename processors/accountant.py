@@ -15,6 +15,9 @@ from store import Accounts, Group, MemoryCounts, StreamEntry
 
 log = logging.getLogger(__name__)
 
+#: A flush mark older than this many flush lock TTLs is set again (its flush was lost).
+MARK_TTLS = 2
+
 
 def _wanted(entry: StreamEntry) -> tuple[str, int, list[int]] | None:
     """(memory id, generation, sequences to count) of a change event, if it adds any."""
@@ -78,6 +81,7 @@ class Accountant:
                     else None,
                     threshold=resource.flushing.summarize_threshold,
                     request=uuid.uuid4().hex,
+                    mark_ms=int(MARK_TTLS * resource.locking.flush_ttl * 1000),
                 )
             )
         await self._accounts.apply(batch.lease, counts, [e.id for e in batch.entries])

@@ -12,11 +12,14 @@ from processors.appender import Appender
 from processors.port import Processor
 from processors.runtime import Worker
 from processors.settings import Settings
+from processors.summaries import ChatCompletionsWriter, SummaryWriter
+from processors.summarizer import Summarizer
 from processors.tokenizers import Tokenizers
 from store import (
     Accounts,
     ConnectionSetupError,
     EmbeddedRedis,
+    Flushes,
     Keys,
     MemoryReader,
     MemoryStore,
@@ -27,6 +30,7 @@ from store import (
     ensure_partitions,
     find_embedded,
 )
+from store.lock import DistributedLock
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,33 @@ class App:
     ) -> Worker:
         accounts = Accounts(self.client, self.scripts, self.keys)
         return await self._worker(Accountant(accounts, registry, tokenizers), worker_id)
+
+    def summary_writer(self) -> SummaryWriter | None:
+        """The LLM writer when ``MEMSTREAM_SUMMARIZER_URL`` is set, else None (extractive)."""
+        s = self.settings
+        if not s.summarizer_url:
+            return None
+        return ChatCompletionsWriter.from_env(
+            s.summarizer_url, s.summarizer_model, s.summarizer_api_key_env
+        )
+
+    async def summarizer(
+        self,
+        registry: ResourceRegistry,
+        tokenizers: Tokenizers,
+        worker_id: str | None = None,
+        *,
+        writer: SummaryWriter | None = None,
+    ) -> Worker:
+        processor = Summarizer(
+            Flushes(self.scripts, self.keys),
+            registry,
+            tokenizers,
+            writer=writer or self.summary_writer(),
+            lock=DistributedLock(self.scripts, self.keys, worker_id),
+            summary_timeout=self.settings.summary_timeout,
+        )
+        return await self._worker(processor, worker_id)
 
     async def appender(self, registry: ResourceRegistry, worker_id: str | None = None) -> Worker:
         processor = Appender(

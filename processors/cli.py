@@ -25,10 +25,11 @@ from processors.logs import setup_logging
 from processors.resources import resources
 from processors.runtime import Worker
 from processors.status import as_json, group_status, render
+from processors.summarizer import Summarizer
 from processors.tokenizers import Tokenizers
 from store import Group
 
-PROCESSORS = ("appender", "accountant", "all")
+PROCESSORS = ("appender", "accountant", "summarizer", "all")
 log = logging.getLogger(__name__)
 
 
@@ -80,8 +81,11 @@ async def run(
         workers = []
         if processor in ("appender", "all"):
             workers.append(await app.appender(registry))
-        if processor in ("accountant", "all"):
-            workers.append(await app.accountant(registry, Tokenizers()))
+        tokenizers = Tokenizers() if processor != "appender" else None
+        if processor in ("accountant", "all") and tokenizers:
+            workers.append(await app.accountant(registry, tokenizers))
+        if processor in ("summarizer", "all") and tokenizers:
+            workers.append(await app.summarizer(registry, tokenizers))
         loop.add_signal_handler(signal.SIGHUP, reload_resources, workers)
         click.echo(
             f"memstream {processor}: {len(registry)} resource(s), {workers[0].partitions} "
@@ -95,7 +99,9 @@ async def run(
 
 def reload_resources(workers: list[Worker]) -> None:
     """SIGHUP: read the resource files again; keep the loaded ones if any file fails."""
-    processors = [w.processor for w in workers if isinstance(w.processor, Appender | Accountant)]
+    processors = [
+        w.processor for w in workers if isinstance(w.processor, Appender | Accountant | Summarizer)
+    ]
     if not processors:
         return
     try:
@@ -288,8 +294,14 @@ async def status(as_json_out: bool) -> None:
         ttl = int(settings.lease_ttl * 1000)
         result = await group_status(app.client, app.scripts, app.keys, Group.APPENDER, ttl)
         counting = await group_status(app.client, app.scripts, app.keys, Group.ACCOUNTANT, ttl)
+        flushing = await group_status(app.client, app.scripts, app.keys, Group.SUMMARIZER, ttl)
         if as_json_out:
-            data = {"redis": app.describe(), **as_json(result), "accountant": as_json(counting)}
+            data = {
+                "redis": app.describe(),
+                **as_json(result),
+                "accountant": as_json(counting),
+                "summarizer": as_json(flushing),
+            }
             click.echo(json.dumps(data))
             return
         version = info.get("redis_version", "?") if isinstance(info, dict) else "?"
@@ -298,6 +310,7 @@ async def status(as_json_out: bool) -> None:
         )
         click.echo(render(result))
         click.echo(render(counting))
+        click.echo(render(flushing))
 
 
 @main.command()

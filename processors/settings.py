@@ -60,6 +60,18 @@ class Settings(BaseSettings):
     strict_script_keys: bool = Field(
         default=False, description="fail any Lua script that touches an undeclared key"
     )
+    summarizer_url: str | None = Field(
+        default=None,
+        description="an OpenAI-compatible API (its base URL, ending in /v1) for LLM summaries; "
+        "unset: the extractive summarizer",
+    )
+    summarizer_model: str = Field(default="gpt-4o-mini", description="the LLM for summaries")
+    summarizer_api_key_env: str | None = Field(
+        default=None, description="the environment variable holding the LLM API key"
+    )
+    summary_timeout: float = Field(
+        default=60.0, description="longest wait for an LLM summary before the extractive one"
+    )
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -71,6 +83,7 @@ class Settings(BaseSettings):
         "tombstone_ttl",
         "outcome_ttl",
         "trim_interval",
+        "summary_timeout",
         mode="before",
     )
     @classmethod

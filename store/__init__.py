@@ -14,6 +14,7 @@ from store.errors import (
     StoreError,
     WaitTimeoutError,
 )
+from store.flushing import BudgetLimits, Change, FlushEnd, Flushes, Snapshot
 from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, MemoryKeys, Topic
 from store.lease import Lease, LeaseHolder, Leases
 from store.memory import ApplyBatch, MemoryStore, Retention, Target
@@ -27,12 +28,16 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "Accounts",
     "ApplyBatch",
+    "BudgetLimits",
+    "Change",
     "Claim",
     "ConnectionSetupError",
     "DeadLetter",
     "DeadLetters",
     "Delivery",
     "EmbeddedRedis",
+    "FlushEnd",
+    "Flushes",
     "Group",
     "Keys",
     "Lease",
@@ -55,6 +60,7 @@ __all__ = [
     "ScriptKeyError",
     "Scripts",
     "Settle",
+    "Snapshot",
     "StoreError",
     "StreamEntry",
     "Target",

@@ -26,6 +26,7 @@ class MemoryCounts:
     message_limit: int | None = None
     threshold: float = 0.8
     request: str = ""
+    mark_ms: int | None = None  # a flush mark older than this is set again
 
 
 class Accounts:
@@ -69,6 +70,7 @@ class Accounts:
                 "request": m.request,
                 **({"tokens": m.token_limit} if m.token_limit else {}),
                 **({"messages": m.message_limit} if m.message_limit else {}),
+                **({"mark_ms": m.mark_ms} if m.mark_ms else {}),
             }
             for m in memories
         ]

@@ -16,6 +16,8 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:attempts:{p}:<group>           hash: entry id -> counted attempts
     ms:held:{p}:<group>               string: why the partition is held back (JSON)
     ms:counters:{p}                   hash: seq, gen (never expire, never reused)
+    ms:lock:{<name>}                  string: a DistributedLock, <fence>:<owner>:<random>
+    ms:lockfence:{<name>}             counter: the lock's fence (never expires)
     ms:out:{p}:<minute>               hash: entry id -> outcome (JSON), minute of the entry id
     ms:m:{p}:<tenant>/<resource>/<key>:log   zset: seq -> message (JSON)
     ms:m:{p}:<tenant>/<resource>/<key>:meta  hash: generation, counts, times
@@ -121,6 +123,13 @@ class Keys:
 
     def held(self, partition: int, group: str) -> str:
         return f"{self.namespace}:held:{{{partition}}}:{group}"
+
+    def lock(self, name: str) -> str:
+        """A DistributedLock's key (the name is its hash tag: one slot per lock)."""
+        return f"{self.namespace}:lock:{{{name}}}"
+
+    def lock_fence(self, name: str) -> str:
+        return f"{self.namespace}:lockfence:{{{name}}}"
 
     def counters(self, partition: int) -> str:
         return f"{self.namespace}:counters:{{{partition}}}"

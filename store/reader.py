@@ -99,10 +99,18 @@ class MemoryReader:
         return partition_for(ref.memory_id, await self.partitions())
 
     async def read(
-        self, ref: MemoryRef, *, last: int | None = None, after: int | None = None, limit: int = 100
+        self,
+        ref: MemoryRef,
+        *,
+        last: int | None = None,
+        after: int | None = None,
+        limit: int = 100,
+        touch: bool = False,
     ) -> MemoryView:
         """The newest ``last`` messages, or up to ``limit`` messages after sequence
-        ``after``, or (neither given) the whole memory; oldest first."""
+        ``after``, or (neither given) the whole memory; oldest first. With ``touch``,
+        the messages are being read into a context window: their use is recorded, in the
+        same round trip, for the ``lru`` and ``lfu`` flush strategies."""
         if last is not None and after is not None:
             raise ValueError("pass either last or after, not both")
         if last is not None:
@@ -116,7 +124,7 @@ class MemoryReader:
         p = await self.partition_of(ref)
         k = self._keys.memory(p, ref.memory_id)
         meta_flat, tomb_flat, texts, counts = await self._scripts(
-            "read_memory", [k.log, k.meta, k.tomb, k.tok], [mode, n, since]
+            "read_memory", [k.log, k.meta, k.tomb, k.tok], [mode, n, since, "1" if touch else "0"]
         )
         meta = dict(zip(meta_flat[::2], meta_flat[1::2], strict=True))
         tomb = dict(zip(tomb_flat[::2], tomb_flat[1::2], strict=True))

@@ -12,7 +12,8 @@
 -- ARGV[2] group     the accountant's consumer group
 -- ARGV[3] memories  JSON list of {id (memory id), gen, counts: [[seq, tokens], ...],
 --                   tokens? (token limit), messages? (message limit), threshold,
---                   request (id of the flush request to write if it trips)}
+--                   request (id of the flush request to write if it trips),
+--                   mark_ms? (how old a mark may grow before it is set again)}
 -- ARGV[4] entries   JSON list of the change entry ids to acknowledge
 -- Returns {'stale'} or {'ok', counted, flush_requests}.
 local lease, changes, attempts, flush = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -37,11 +38,15 @@ for i, mem in ipairs(memories) do
         counted = counted + 1
       end
     end
-    local state = rcall('HMGET', meta, 'tokens', 'count', 'flush_gen')
+    local state = rcall('HMGET', meta, 'tokens', 'count', 'flush_gen', 'flush_at')
     local total, count = tonumber(state[1]) or 0, tonumber(state[2]) or 0
     local over = (mem.tokens and total >= mem.threshold * mem.tokens)
       or (mem.messages and count >= mem.threshold * mem.messages)
-    if over and tonumber(state[3] or -1) ~= tonumber(mem.gen) then
+    -- A mark older than mark_ms is one whose flush never ended (its request was lost
+    -- with a Redis failover, say): it counts as no mark, so a mark can never stick.
+    local marked = tonumber(state[3] or -1) == tonumber(mem.gen)
+      and (not mem.mark_ms or now - (tonumber(state[4]) or 0) < mem.mark_ms)
+    if over and not marked then
       rcall('HSET', meta, 'flush_gen', mem.gen, 'flush_request', mem.request, 'flush_at', now)
       rcall('XADD', flush, '*', 'memory', mem.id, 'gen', mem.gen, 'request', mem.request,
         'reason', 'budget', 'tokens', total, 'messages', count)

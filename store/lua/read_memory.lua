@@ -7,6 +7,8 @@
 -- ARGV[1] mode   'last' (the newest N), 'after' (N after a sequence) or 'all'
 -- ARGV[2] n      how many messages (for 'last' and 'after')
 -- ARGV[3] after  the sequence to read after (for 'after')
+-- ARGV[4] touch  '1': the messages are read into a context window; record it for the
+--                lru / lfu flush strategies ('a:<seq>' = now, 'f:<seq>' + 1 in tok)
 -- Returns {meta (flat), tomb (flat), messages (JSON texts, oldest first), counts}.
 local log, meta, tomb, tok = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, n = ARGV[1], tonumber(ARGV[2])
@@ -26,5 +28,15 @@ if #messages > 0 then
   local seqs = {}
   for i, text in ipairs(messages) do seqs[i] = string.match(text, '^{"seq":(%d+)') end
   counts = rcall('HMGET', tok, unpack(seqs))
+  if ARGV[4] == '1' and rcall('EXISTS', tok) == 1 then
+    local now = now_ms()
+    local stamps = {}
+    for _, seq in ipairs(seqs) do
+      stamps[#stamps + 1] = 'a:' .. seq
+      stamps[#stamps + 1] = now
+      rcall('HINCRBY', tok, 'f:' .. seq, 1)
+    end
+    rcall('HSET', tok, unpack(stamps))
+  end
 end
 return {rcall('HGETALL', meta), rcall('HGETALL', tomb), messages, counts}

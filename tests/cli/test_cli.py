@@ -28,8 +28,9 @@ from store import RedisServerProcess, find_server_binary
 ROOT = Path(__file__).resolve().parents[2]
 MEMSTREAM = str(Path(sys.executable).with_name("memstream"))
 PARTITIONS = 16
-#: `run all` runs the appender and the accountant: one lease per partition each.
-LEASES = PARTITIONS * 2
+#: `run all` runs the appender, the accountant and the summarizer: one lease per
+#: partition each.
+LEASES = PARTITIONS * 3
 T = TypeVar("T")
 
 

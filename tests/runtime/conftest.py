@@ -14,9 +14,13 @@ from events import Publisher
 from memory import MemoryRef, Message, ResourceRegistry, Role
 from processors import Appender, LoopConfig, Worker, WorkerConfig
 from processors.accountant import Accountant
+from processors.port import Processor
+from processors.summaries import SummaryWriter
+from processors.summarizer import Summarizer
 from processors.tokenizers import Tokenizers
 from store import (
     Accounts,
+    Flushes,
     Keys,
     MemoryReader,
     MemoryStore,
@@ -25,6 +29,7 @@ from store import (
     Scripts,
     ensure_partitions,
 )
+from store.lock import DistributedLock
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
@@ -75,10 +80,26 @@ class Rig:
     def accountant(self) -> Accountant:
         return Accountant(Accounts(self.client, self.scripts, self.keys), self.registry, TOKENIZERS)
 
+    def summarizer(self, writer: SummaryWriter | None = None, **kwargs: float) -> Summarizer:
+        return Summarizer(
+            Flushes(self.scripts, self.keys),
+            self.registry,
+            TOKENIZERS,
+            writer=writer,
+            lock=DistributedLock(self.scripts, self.keys),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def start_all(self) -> None:
+        """An appender, an accountant and a summarizer."""
+        self.start("appender")
+        self.start("accountant", self.accountant())
+        self.start("summarizer", self.summarizer())
+
     def start(
         self,
         name: str,
-        processor: Appender | Accountant | None = None,
+        processor: Processor | None = None,
         config: WorkerConfig | None = None,
     ) -> Worker:
         worker = Worker(

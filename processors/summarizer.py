@@ -1,0 +1,389 @@
+"""The summarizer: consumes ``flush:{p}`` (budget requests of the accountant, manual
+requests forwarded by the appender) and brings each memory back to its target.
+
+For each memory of a batch it takes a snapshot, ignores requests that are stale (an
+older generation) or already served (a budget request whose mark is gone), plans with
+the pure domain code of ``memory.flush`` and applies the plan with one fenced script
+that succeeds only if every planned message is still there and the generation is
+unchanged; otherwise it plans again from a fresh snapshot, up to ``replans`` times.
+Appends keep arriving meanwhile: a plan never touches them. Memories of one batch are
+flushed concurrently, and a summary that takes too long falls back to the extractive
+summarizer, so one slow summary holds its partition for at most ``summary_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from events.codec import event_json, printable
+from events.envelope import FlushPayload, FlushRequested, MemoryName
+from memory import (
+    FlushStrategy,
+    MemoryRef,
+    MemoryResource,
+    Message,
+    ResourceRegistry,
+    StoredMessage,
+)
+from memory.errors import InvalidReferenceError
+from memory.flush import Counted, Plan, plan_flush
+from memory.resource import MemoryType
+from memory.tokens import TokenCounter
+from processors.port import Batch, Handled
+from processors.summaries import ExtractiveWriter, SummaryWriter
+from processors.tokenizers import Tokenizers
+from store import (
+    TRANSIENT_ERRORS,
+    BudgetLimits,
+    Change,
+    Flushes,
+    Group,
+    Lease,
+    LeaseLostError,
+    Snapshot,
+    StreamEntry,
+)
+from store.lock import DistributedLock, LockNotAcquiredError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest:
+    """One entry of ``flush:{p}``."""
+
+    entry: str
+    memory_id: str
+    gen: int
+    request: str
+    reason: str  # budget (the accountant) or manual (an event)
+    strategy: FlushStrategy | None = None
+    dry_run: bool = False
+
+    @classmethod
+    def parse(cls, entry: StreamEntry) -> FlushRequest:
+        """The request of an entry; ValueError saying what is wrong with it."""
+        f = entry.fields or {}
+        missing = [name for name in ("memory", "gen", "request") if not f.get(name)]
+        if missing:
+            raise ValueError(f"a flush request needs {', '.join(missing)}")
+        MemoryRef.parse_id(f["memory"])
+        try:
+            gen = int(f["gen"])
+        except ValueError:
+            raise ValueError(f"gen must be an integer, got {f['gen']!r}") from None
+        strategy = None
+        if f.get("strategy"):
+            try:
+                strategy = FlushStrategy(f["strategy"])
+            except ValueError:
+                known = ", ".join(s.value for s in FlushStrategy)
+                raise ValueError(f"unknown strategy {f['strategy']!r}; one of {known}") from None
+        return cls(
+            entry=entry.id,
+            memory_id=f["memory"],
+            gen=gen,
+            request=f["request"],
+            reason=f.get("reason") or "manual",
+            strategy=strategy,
+            dry_run=f.get("dry_run") == "1",
+        )
+
+
+def limits_of(resource: MemoryResource) -> BudgetLimits:
+    return BudgetLimits(
+        tokens=resource.token_limit
+        if resource.type is not MemoryType.MESSAGE_COUNT_BASED
+        else None,
+        messages=resource.max_messages if resource.type is not MemoryType.TOKEN_BASED else None,
+        threshold=resource.flushing.summarize_threshold,
+    )
+
+
+def counted(snapshot: Snapshot, counter: TokenCounter) -> list[Counted]:
+    """The snapshot's messages with their stored counts (the same function counts those
+    the accountant has not reached yet) and how readers used them."""
+    return [
+        Counted(
+            m,
+            snapshot.counts[m.seq] if m.seq in snapshot.counts else counter.message(m),
+            snapshot.last_used.get(m.seq, 0),
+            snapshot.uses.get(m.seq, 0),
+        )
+        for m in snapshot.messages
+    ]
+
+
+class Summarizer:
+    """The processor of ``flush:{p}``."""
+
+    group = Group.SUMMARIZER
+
+    def __init__(
+        self,
+        flushes: Flushes,
+        registry: ResourceRegistry,
+        tokenizers: Tokenizers,
+        *,
+        writer: SummaryWriter | None = None,
+        lock: DistributedLock | None = None,
+        replans: int = 3,
+        summary_timeout: float = 60.0,
+        concurrency: int = 8,
+    ) -> None:
+        self._flushes = flushes
+        self.registry = registry  # replaced as a whole on reload (SIGHUP)
+        self._tokenizers = tokenizers
+        self._writer = writer or ExtractiveWriter()
+        self._fallback = ExtractiveWriter()
+        self._lock = lock
+        self._replans = replans
+        self._summary_timeout = summary_timeout
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def process(self, batch: Batch) -> Handled:
+        by_memory: dict[str, list[FlushRequest]] = defaultdict(list)
+        for entry in batch.entries:
+            try:
+                request = FlushRequest.parse(entry)
+            except (ValueError, InvalidReferenceError) as e:
+                await self._refuse(batch.lease, entry, str(e))
+                continue
+            by_memory[request.memory_id].append(request)
+        results = await asyncio.gather(
+            *(self._guarded(batch.lease, reqs) for reqs in by_memory.values()),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return Handled()
+
+    async def _refuse(self, lease: Lease, entry: StreamEntry, why: str) -> None:
+        fields = entry.fields or {}
+        memory_id = fields.get("memory") or "-"
+        log.error("partition %d: flush request %s refused: %s", lease.partition, entry.id, why)
+        await self._flushes.finish(
+            lease,
+            memory_id if _valid_id(memory_id) else "-",
+            gen=-1,
+            entries=[entry.id],
+            requests=[],
+            rearm="",
+            limits=BudgetLimits(None, None, 1.0),
+            letter=_letter(entry, self._flushes.stream(lease.partition), "invalid", why),
+        )
+
+    async def _guarded(self, lease: Lease, requests: list[FlushRequest]) -> None:
+        """Flush one memory; an error that is not transient ends the attempt with a dead
+        letter instead of holding the partition."""
+        async with self._slots:
+            try:
+                await self._locked(lease, requests)
+            except LeaseLostError:
+                raise
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as e:
+                log.exception(
+                    "partition %d: flushing %s failed", lease.partition, requests[0].memory_id
+                )
+                await self._end(lease, requests, gen=requests[-1].gen, error=repr(e))
+
+    async def _locked(self, lease: Lease, requests: list[FlushRequest]) -> None:
+        if self._lock is None:
+            await self._flush(lease, requests)
+            return
+        resource = self.registry.find(MemoryRef.parse_id(requests[0].memory_id).resource)
+        ttl = resource.locking.flush_ttl if resource else 300.0
+        try:
+            async with self._lock.hold(f"flush:{requests[0].memory_id}", ttl=ttl):
+                await self._flush(lease, requests)
+        except LockNotAcquiredError:
+            # Another summarizer is flushing this memory (a stale holder of the
+            # partition, say): this attempt ends; the mark re-arms if still needed.
+            log.info("%s is being flushed elsewhere; request ended", requests[0].memory_id)
+            await self._end(lease, requests, gen=requests[-1].gen, note="locked")
+
+    async def _flush(self, lease: Lease, requests: list[FlushRequest]) -> None:
+        memory_id = requests[0].memory_id
+        ref = MemoryRef.parse_id(memory_id)
+        resource = self.registry.find(ref.resource)
+        if resource is None:
+            await self._end(lease, requests, gen=requests[-1].gen, note="unknown_resource")
+            return
+        counter = self._tokenizers.for_resource(resource)
+        for _ in range(self._replans + 1):
+            snapshot = await self._flushes.snapshot(lease.partition, memory_id)
+            if not snapshot.exists:
+                await self._end(lease, requests, gen=requests[-1].gen, note="no_memory")
+                return
+            live = [
+                r
+                for r in requests
+                if r.gen == snapshot.gen and (r.reason != "budget" or r.request == snapshot.mark)
+            ]
+            if not live:  # stale or already served
+                await self._end(lease, requests, gen=snapshot.gen, note="served", resource=resource)
+                return
+            manual = [r for r in live if r.reason != "budget"]
+            strategy = next((r.strategy for r in reversed(manual) if r.strategy), None)
+            plan = plan_flush(counted(snapshot, counter), resource, strategy)
+            if all(r.dry_run for r in live):
+                log.info("dry run of a flush of %s: %s", memory_id, plan.describe())
+                await self._end(
+                    lease,
+                    requests,
+                    gen=snapshot.gen,
+                    note="dry_run",
+                    resource=resource,
+                    plan=plan,
+                )
+                return
+            if plan.empty:
+                await self._end(
+                    lease, requests, gen=snapshot.gen, note=plan.outcome.value, resource=resource
+                )
+                return
+            change = await self._change(plan, snapshot, resource, counter, live[-1].entry)
+            end = await self._flushes.finish(
+                lease,
+                memory_id,
+                gen=snapshot.gen,
+                entries=[r.entry for r in requests],
+                requests=[r.request for r in requests],
+                rearm=uuid.uuid4().hex,
+                limits=limits_of(resource),
+                change=change,
+            )
+            if end is not None:
+                log.info(
+                    "flushed %s (%s): %d -> %d tokens, %d message(s) left%s",
+                    memory_id,
+                    plan.strategy.value,
+                    plan.tokens_before,
+                    end.tokens,
+                    end.messages,
+                    "; still over, flush requested again" if end.rearmed else "",
+                )
+                return
+            log.info("%s changed while its flush was planned; planning again", memory_id)
+        await self._end(lease, requests, gen=requests[-1].gen, note="gave_up", resource=resource)
+
+    async def _change(
+        self,
+        plan: Plan,
+        snapshot: Snapshot,
+        resource: MemoryResource,
+        counter: TokenCounter,
+        entry: str,
+    ) -> Change:
+        summary_json, summary_tokens = None, 0
+        if plan.summarize:
+            by_seq = {m.seq: m for m in snapshot.messages}
+            folded = [by_seq[s] for s in plan.summarize]
+            message = await self._summary(folded, plan.summary_budget, counter)
+            stored = message.to_json_dict() | {"covers": list(plan.covers)}
+            summary_json = StoredMessage.model_validate(
+                stored | {"seq": 0, "gen": 0, "at": 0, "entry": entry}
+            ).model_dump_json(exclude_none=True, exclude_defaults=True, include=set(stored))
+            summary_tokens = counter.message(message)
+        return Change(
+            strategy=plan.strategy.value,
+            entry=entry,
+            remove=plan.remove,
+            summarize=plan.summarize,
+            summary=summary_json,
+            summary_tokens=summary_tokens,
+        )
+
+    async def _summary(
+        self, folded: Sequence[StoredMessage], budget: int, counter: TokenCounter
+    ) -> Message:
+        """The writer's summary; the extractive one when it fails, takes longer than
+        ``summary_timeout`` or overshoots the budget."""
+        if self._writer.name != self._fallback.name:
+            try:
+                async with asyncio.timeout(self._summary_timeout):
+                    message = await self._writer.write(folded, budget, counter)
+                if counter.message(message) <= budget:
+                    return message
+                log.warning(
+                    "the %s summary is over its budget of %d tokens", self._writer.name, budget
+                )
+            except Exception as e:  # any failure of a writer falls back
+                log.warning(
+                    "the %s summary failed (%r); writing an extractive one", self._writer.name, e
+                )
+        return await self._fallback.write(folded, budget, counter)
+
+    async def _end(
+        self,
+        lease: Lease,
+        requests: list[FlushRequest],
+        *,
+        gen: int,
+        note: str | None = None,
+        error: str | None = None,
+        resource: MemoryResource | None = None,
+        plan: Plan | None = None,
+    ) -> None:
+        memory_id = requests[0].memory_id
+        if resource is None:
+            resource = self.registry.find(MemoryRef.parse_id(memory_id).resource)
+        letter = None
+        if error is not None:
+            # The letter keeps a manual flush request for the memory: replaying it
+            # (``memstream dlq replay``) asks for the flush again.
+            letter = {
+                "event": _flush_event(memory_id, requests[-1].strategy),
+                "reason": "failed",
+                "detail": error,
+                "entry": requests[-1].entry,
+                "source": self._flushes.stream(lease.partition),
+                "memory": memory_id,
+            }
+        await self._flushes.finish(
+            lease,
+            memory_id,
+            gen=gen,
+            entries=[r.entry for r in requests],
+            requests=[r.request for r in requests],
+            rearm=uuid.uuid4().hex,
+            limits=limits_of(resource) if resource else BudgetLimits(None, None, 1.0),
+            note=note or ("failed" if error else None),
+            plan=plan.describe() if plan else None,
+            letter=letter,
+        )
+
+
+def _valid_id(memory_id: str) -> bool:
+    with contextlib.suppress(InvalidReferenceError, ValueError):
+        MemoryRef.parse_id(memory_id)
+        return True
+    return False
+
+
+def _flush_event(memory_id: str, strategy: FlushStrategy | None) -> str:
+    ref = MemoryRef.parse_id(memory_id)
+    payload = FlushPayload(memory=MemoryName(resource=ref.resource, key=ref.key), strategy=strategy)
+    return event_json(FlushRequested(tenant=ref.tenant, payload=payload))
+
+
+def _letter(entry: StreamEntry, source: str, reason: str, detail: str) -> dict[str, str]:
+    fields = entry.fields or {}
+    return {
+        "event": printable(json.dumps(fields)),
+        "reason": reason,
+        "detail": detail,
+        "entry": entry.id,
+        "source": source,
+        **({"memory": printable(fields["memory"])} if fields.get("memory") else {}),
+    }
