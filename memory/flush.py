@@ -367,3 +367,28 @@ _ORDERS: dict[FlushStrategy, Callable[[Sequence[Counted], Priorities], list[Coun
     FlushStrategy.TOKEN_AWARE_LRU: _lru,
     FlushStrategy.LFU: _lfu,
 }
+
+
+def fit_budget(
+    entries: Sequence[Counted], budget: int, priorities: Priorities
+) -> tuple[list[Counted], bool]:
+    """What a reader may put in a context of ``budget`` tokens, oldest first: protected
+    messages first, then the newest others that still fit. When the protected messages
+    alone exceed the budget, the newest of them that fit, and True (over budget)."""
+    protected = [e for e in entries if priorities.is_protected(e.message)]
+    room = budget
+    chosen: set[int] = set()
+    over = sum(e.tokens for e in protected) > budget
+    for e in reversed(protected):
+        if e.tokens <= room:
+            chosen.add(e.seq)
+            room -= e.tokens
+    if not over:
+        for e in reversed(entries):
+            if e.seq in chosen or priorities.is_protected(e.message):
+                continue
+            if e.tokens > room:
+                break  # no gaps: an older message never skips past a newer one left out
+            chosen.add(e.seq)
+            room -= e.tokens
+    return [e for e in entries if e.seq in chosen], over

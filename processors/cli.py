@@ -17,6 +17,7 @@ from events import Publisher
 from events.schema import event_schema_text
 from memory import AgentResource, DomainError, MemoryRef, MemoryResource, Message, Role
 from processors import dlq as dead_letters
+from processors import flushcli
 from processors.accountant import Accountant
 from processors.app import App
 from processors.appender import Appender
@@ -326,6 +327,7 @@ def schema(what: str) -> None:
 
 
 main.add_command(dead_letters.dlq)
+flushcli.register(main, _ref, STORED_KEY)
 main.add_command(resources)
 
 __all__ = ["main"]

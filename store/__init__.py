@@ -18,7 +18,7 @@ from store.flushing import BudgetLimits, Change, FlushEnd, Flushes, Snapshot
 from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, MemoryKeys, Topic
 from store.lease import Lease, LeaseHolder, Leases
 from store.memory import ApplyBatch, MemoryStore, Retention, Target
-from store.reader import MemoryReader, MemoryView, Outcome, OutcomeStatus
+from store.reader import ContextWindow, MemoryReader, MemoryView, Outcome, OutcomeStatus
 from store.scripts import Scripts
 from store.streams import Claim, Delivery, PartitionStreams, Settle, StreamEntry, ensure_groups
 
@@ -32,6 +32,7 @@ __all__ = [
     "Change",
     "Claim",
     "ConnectionSetupError",
+    "ContextWindow",
     "DeadLetter",
     "DeadLetters",
     "Delivery",

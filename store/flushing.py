@@ -48,6 +48,7 @@ class Change:
     entry: str  # the flush request's entry id (the summary's origin)
     remove: Sequence[int] = ()
     summarize: Sequence[int] = ()
+    entries: Mapping[int, str] = field(default_factory=dict)  # seq -> the entry that wrote it
     summary: str | None = None  # the summary message's JSON (role, content, covers)
     summary_tokens: int = 0
 
@@ -141,6 +142,7 @@ class Flushes:
                 "entry": change.entry,
                 "remove": list(change.remove),
                 "summarize": list(change.summarize),
+                "entries": {str(seq): entry for seq, entry in change.entries.items()},
                 **(
                     {
                         "summary": change.summary,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from memory import MemoryRef, StoredMessage, partition_for
+from memory import MemoryRef, MemoryResource, StoredMessage, partition_for
+from memory.flush import Counted, Priorities, fit_budget
+from memory.tokens import TokenCounter
 from store.config import get_partitions
 from store.connection import RedisClient
 from store.errors import OutcomeMismatchError, WaitTimeoutError
@@ -18,6 +21,7 @@ from store.keys import Group, Keys
 from store.scripts import Scripts
 
 MAX_PAGE = 1000
+log = logging.getLogger(__name__)
 
 
 class OutcomeStatus(enum.StrEnum):
@@ -74,11 +78,23 @@ class MemoryView:
     tokens: int = 0  # exact total of the counted messages
     counted: int = 0  # how many messages are counted
     flush_pending: bool = False  # a flush was requested for this generation
+    meta: dict[str, str] = field(default_factory=dict)  # the memory's meta hash, as stored
 
     @property
     def next_after(self) -> int | None:
         """The sequence to pass as ``after`` for the next page, None when empty."""
         return self.messages[-1].seq if self.messages else None
+
+
+@dataclass(frozen=True, slots=True)
+class ContextWindow:
+    """What of a memory fits a context budget (``MemoryReader.read_context``)."""
+
+    view: MemoryView
+    messages: list[StoredMessage]
+    tokens: int
+    budget: int | None
+    over_budget: bool  # the protected messages alone exceed the budget
 
 
 class MemoryReader:
@@ -89,6 +105,7 @@ class MemoryReader:
         self._scripts = scripts
         self._keys = keys
         self._partitions: int | None = None
+        self._touching: set[asyncio.Task[None]] = set()
 
     async def partitions(self) -> int:
         if self._partitions is None:
@@ -140,9 +157,59 @@ class MemoryReader:
             tokens=int(meta.get("tokens") or 0),
             counted=int(meta.get("counted") or 0),
             flush_pending=meta.get("flush_gen") == meta.get("gen") and "flush_gen" in meta,
+            meta=meta,
             created_ms=int(meta["created"]) if "created" in meta else None,
             updated_ms=int(meta["updated"]) if "updated" in meta else None,
         )
+
+    async def read_context(
+        self,
+        ref: MemoryRef,
+        resource: MemoryResource,
+        counter: TokenCounter,
+        *,
+        budget: int | None = None,
+        touch: bool = True,
+    ) -> ContextWindow:
+        """The memory as it fits a context of ``budget`` tokens (by default the
+        resource's token limit): never more than the budget, by the stored counts and
+        the same counting function for messages not counted yet; protected messages
+        first, then the newest others (see ``memory.flush.fit_budget``). With ``touch``
+        the use of the returned messages is recorded for lru / lfu, by a call that does
+        not hold up this one."""
+        view = await self.read(ref)
+        limit = budget if budget is not None else resource.token_limit
+        entries = [
+            Counted(m, c if c is not None else counter.message(m))
+            for m, c in zip(view.messages, view.token_counts, strict=True)
+        ]
+        if limit is None:  # a message_count_based memory without a token budget
+            chosen, over = entries, False
+        else:
+            chosen, over = fit_budget(entries, limit, Priorities(resource.priority))
+        if touch and chosen:
+            self._touch_later(view.partition, ref, [e.seq for e in chosen])
+        return ContextWindow(
+            view=view,
+            messages=[e.message for e in chosen],
+            tokens=sum(e.tokens for e in chosen),
+            budget=limit,
+            over_budget=over,
+        )
+
+    def _touch_later(self, partition: int, ref: MemoryRef, seqs: list[int]) -> None:
+        task = asyncio.create_task(self._touch(partition, ref, seqs))
+        self._touching.add(task)
+        task.add_done_callback(self._touched)
+
+    def _touched(self, task: asyncio.Task[None]) -> None:
+        self._touching.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("recording the use of messages failed: %r", task.exception())
+
+    async def _touch(self, partition: int, ref: MemoryRef, seqs: list[int]) -> None:
+        k = self._keys.memory(partition, ref.memory_id)
+        await self._scripts("touch_messages", [k.tok, k.log], seqs)
 
     async def outcome(self, partition: int, entry_id: str) -> Outcome | None:
         """The recorded outcome of an ingest entry, if known yet."""

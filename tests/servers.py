@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -56,11 +57,20 @@ def cli_for(binary: str) -> str:
     return found
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is valid too."""
+    """A free port whose cluster bus port (+10000) is valid and free too."""
     while True:
         port = free_port()
-        if port <= 55535:
+        if port <= 55535 and _bindable(port + 10000):
             return port
 
 

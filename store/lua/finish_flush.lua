@@ -19,7 +19,8 @@
 -- ARGV[2] group     the summarizer's consumer group
 -- ARGV[3] args      JSON {memory, gen, entries: [ids to acknowledge], requests: [their
 --                   request ids], rearm (a new request id), limits: {tokens?, messages?,
---                   threshold}, plan?: {strategy, remove: [seqs], summary? (message JSON
+--                   threshold}, plan?: {strategy, remove: [seqs], summarize: [seqs],
+--                   entries: {seq: the entry id that wrote it}, summary? (message JSON
 --                   text), summary_tokens?, position?, entry (the request's entry id)},
 --                   note? (what a plan-less end records: at_target, dry_run, ...),
 --                   plan_text? (the plan's JSON, kept with the note: a dry run's plan),
@@ -49,8 +50,13 @@ else
     local seqs = {}
     for _, s in ipairs(plan.remove) do seqs[#seqs + 1] = s end
     for _, s in ipairs(plan.summarize or {}) do seqs[#seqs + 1] = s end
+    -- Every planned message is still there, and is the message that was planned (by
+    -- the entry that wrote it: a summary that took a sequence over has another).
     for _, s in ipairs(seqs) do
-      if rcall('ZCOUNT', log, s, s) ~= 1 then return {'changed'} end
+      local found = rcall('ZRANGEBYSCORE', log, s, s)
+      if #found ~= 1 then return {'changed'} end
+      local entry = string.match(found[1], '^{"seq":%d+,"gen":%d+,"at":%d+,"entry":"([^"]*)"')
+      if entry ~= plan.entries[tostring(s)] then return {'changed'} end
     end
     local freed, uncounted = 0, 0
     for _, s in ipairs(seqs) do

@@ -736,3 +736,35 @@ def test_recount_agrees_with_the_accountant(service: Cli) -> None:
     total = re.search(r"total (\d+)", result.out)
     recomputed = re.search(r"recomputed (\d+)", result.out)
     assert total and recomputed and total.group(1) == recomputed.group(1) != "0"
+
+
+def test_flush_dry_run_then_flush_then_health(service: Cli) -> None:
+    ref = f"acme/customer-support/{fresh_key()}"
+    words = " ".join(f"word{i}" for i in range(300))  # about 600 tokens a message
+    for i in range(4):  # about 2,450 tokens: under the 3,200 threshold, over the target
+        assert service("publish", ref, "--content", f"m{i}. {words}", "--wait").code == 0
+    health = wait_for(
+        "the accountant",
+        lambda: (h := service("health", ref, "--json").json())["uncounted"] == 0 and h,
+    )
+    assert health["messages"] == 4 and health["token_limit"] == 4000
+    assert health["by_role"]["user"]["messages"] == 4 and not health["flush_pending"]
+    # A dry run shows the plan and changes nothing.
+    dry = service("flush", ref, "--strategy", "fifo", "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    plan = dry.json()
+    assert plan["outcome"] == "planned" and len(plan["remove"]) == 1
+    assert service("health", ref, "--json").json()["messages"] == 4
+    # A flush through the partition, waited for.
+    done = service("flush", ref, "--strategy", "fifo", "--wait")
+    assert done.code == 0, done.err
+    assert "applied (fifo, 1 removed)" in done.out
+    after = service("health", ref, "--json").json()
+    assert after["messages"] == 3 and after["tokens"] <= 2400
+    assert after["per_strategy"]["fifo"] == {
+        "flushes": 1,
+        "removed": 1,
+        "saved": health["tokens"] - after["tokens"],
+    }
+    assert service("health", ref).out.startswith(f"{ref}: generation")
+    assert service("flush", ref, "--strategy", "nope").code == 2

@@ -80,10 +80,16 @@ async def test_a_held_entry_is_not_charged_for_handovers(rig: Rig) -> None:
     newer = await add(rig, {"event": json.dumps(raw_event(REF, "future", schema_version=3))})
     after = await add(rig, {"event": json.dumps(raw_event(REF, "after"))})
     held_key = rig.keys.held(P, Group.APPENDER)
+
+    async def held_by(name: str) -> bool:
+        # The marker outlives its writer: wait for this worker's own hold, not the last one's.
+        marker = await rig.client.get(held_key)
+        return marker is not None and json.loads(str(marker)).get("worker") == name
+
     # More graceful handovers than max_attempts (3) while the partition waits.
     for i in range(rig.config.loop.max_attempts + 2):
         worker = rig.start(f"w{i}")
-        await rig.eventually(lambda: rig.client.exists(held_key), what="held")
+        await rig.eventually(lambda n=f"w{i}": held_by(n), what=f"held by w{i}")
         await rig.eventually(lambda w=worker: P in w.owned, what="owned")
         await rig.stop(f"w{i}")
     assert await rig.client.xlen(rig.keys.dlq(P)) == 0
