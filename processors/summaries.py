@@ -130,7 +130,10 @@ class ChatCompletionsWriter:
                         f"{self._url} answered {response.status_code}: {response.text[:200]}"
                     )
                 try:
-                    return str(response.json()["choices"][0]["message"]["content"])
+                    content = response.json()["choices"][0]["message"]["content"]
                 except (ValueError, KeyError, IndexError, TypeError) as e:
                     raise SummaryError(f"{self._url} answered no chat completion: {e!r}") from e
+                if not isinstance(content, str):
+                    raise SummaryError(f"{self._url} answered no text: content is {content!r}")
+                return content
         raise SummaryError(f"no summary after {self._retries + 1} attempt(s): {last!r}")

@@ -22,6 +22,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from redis.exceptions import ResponseError
+
 from events.codec import event_json, printable
 from events.envelope import FlushPayload, FlushRequested, MemoryName
 from memory import (
@@ -36,6 +38,7 @@ from memory.errors import InvalidReferenceError
 from memory.flush import Counted, Plan, plan_flush
 from memory.resource import MemoryType
 from memory.tokens import TokenCounter
+from processors.failures import is_entry_fault
 from processors.port import Batch, Handled
 from processors.summaries import ExtractiveWriter, SummaryWriter
 from processors.tokenizers import Tokenizers
@@ -50,7 +53,7 @@ from store import (
     Snapshot,
     StreamEntry,
 )
-from store.lock import DistributedLock, LockNotAcquiredError
+from store.lock import DistributedLock, LockLostError, LockNotAcquiredError
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,7 @@ class Summarizer:
         replans: int = 3,
         summary_timeout: float = 60.0,
         concurrency: int = 8,
+        lock_wait: float = 2.0,
     ) -> None:
         self._flushes = flushes
         self.registry = registry  # replaced as a whole on reload (SIGHUP)
@@ -147,6 +151,7 @@ class Summarizer:
         self._replans = replans
         self._summary_timeout = summary_timeout
         self._slots = asyncio.Semaphore(concurrency)
+        self._lock_wait = lock_wait
 
     async def process(self, batch: Batch) -> Handled:
         by_memory: dict[str, list[FlushRequest]] = defaultdict(list)
@@ -183,34 +188,55 @@ class Summarizer:
 
     async def _guarded(self, lease: Lease, requests: list[FlushRequest]) -> None:
         """Flush one memory; an error that is not transient ends the attempt with a dead
-        letter instead of holding the partition."""
+        letter (and clears the flush mark) instead of holding the partition."""
         async with self._slots:
             try:
                 await self._locked(lease, requests)
             except LeaseLostError:
                 raise
+            except ResponseError as e:
+                if not is_entry_fault(e):
+                    raise
+                await self._failed(lease, requests, e)
             except TRANSIENT_ERRORS:
                 raise
             except Exception as e:
-                log.exception(
-                    "partition %d: flushing %s failed", lease.partition, requests[0].memory_id
-                )
-                await self._end(lease, requests, gen=requests[-1].gen, error=repr(e))
+                await self._failed(lease, requests, e)
+
+    async def _failed(self, lease: Lease, requests: list[FlushRequest], e: Exception) -> None:
+        log.error(
+            "partition %d: flushing %s failed: %r",
+            lease.partition,
+            requests[0].memory_id,
+            e,
+            exc_info=True,
+        )
+        await self._end(lease, requests, gen=requests[-1].gen, error=repr(e))
 
     async def _locked(self, lease: Lease, requests: list[FlushRequest]) -> None:
+        """Flush under the memory's lock, which keeps two summarizers off one memory to
+        save work. Correctness never depends on it: if it stays held (by a holder that
+        died, say), the flush goes ahead, and the fenced apply script decides."""
         if self._lock is None:
             await self._flush(lease, requests)
             return
-        resource = self.registry.find(MemoryRef.parse_id(requests[0].memory_id).resource)
+        memory_id = requests[0].memory_id
+        resource = self.registry.find(MemoryRef.parse_id(memory_id).resource)
         ttl = resource.locking.flush_ttl if resource else 300.0
         try:
-            async with self._lock.hold(f"flush:{requests[0].memory_id}", ttl=ttl):
+            async with self._lock.hold(f"flush:{memory_id}", ttl=ttl, wait=self._lock_wait):
                 await self._flush(lease, requests)
         except LockNotAcquiredError:
-            # Another summarizer is flushing this memory (a stale holder of the
-            # partition, say): this attempt ends; the mark re-arms if still needed.
-            log.info("%s is being flushed elsewhere; request ended", requests[0].memory_id)
-            await self._end(lease, requests, gen=requests[-1].gen, note="locked")
+            log.warning(
+                "the flush lock of %s is held elsewhere (a worker that stopped?); "
+                "flushing without it",
+                memory_id,
+            )
+            await self._flush(lease, requests)
+        except LockLostError:
+            # The flush stopped where it was; its request, unless acknowledged by then,
+            # is still pending and comes back first in the next read.
+            log.warning("the flush lock of %s was lost; the flush will be retried", memory_id)
 
     async def _flush(self, lease: Lease, requests: list[FlushRequest]) -> None:
         memory_id = requests[0].memory_id

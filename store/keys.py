@@ -17,7 +17,7 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:held:{p}:<group>               string: why the partition is held back (JSON)
     ms:counters:{p}                   hash: seq, gen (never expire, never reused)
     ms:lock:{<name>}                  string: a DistributedLock, <fence>:<owner>:<random>
-    ms:lockfence:{<name>}             counter: the lock's fence (never expires)
+    ms:lockfence:{<name>}             counter: the lock's fence (expires 7d after last use)
     ms:out:{p}:<minute>               hash: entry id -> outcome (JSON), minute of the entry id
     ms:m:{p}:<tenant>/<resource>/<key>:log   zset: seq -> message (JSON)
     ms:m:{p}:<tenant>/<resource>/<key>:meta  hash: generation, counts, times

@@ -29,6 +29,11 @@ from store.scripts import Scripts
 
 log = logging.getLogger(__name__)
 
+#: A lock's fencing counter outlives its last acquisition by this long (7 days): fences
+#: increase for as long as a lock is in use, and a lock on a name that goes away (a
+#: deleted memory) leaves nothing behind for good.
+FENCE_TTL_MS = 7 * 86400 * 1000
+
 
 class LockNotAcquiredError(StoreError):
     """Another owner holds the lock (and ``wait`` ran out)."""
@@ -80,9 +85,9 @@ class DistributedLock:
         while True:
             nonce = secrets.token_hex(8)
             reply = await self._scripts(
-                "acquire_lease",
+                "acquire_lock",
                 [self._keys.lock(name), self._keys.lock_fence(name)],
-                [self.owner, nonce, ttl_ms],
+                [self.owner, nonce, ttl_ms, FENCE_TTL_MS],
             )
             if int(reply[0]) == 1:
                 return Held(name, str(reply[1]), ttl)
@@ -115,6 +120,7 @@ class DistributedLock:
             raise LockNotAcquiredError(name)
         task = asyncio.current_task()
         assert task is not None
+        base = task.cancelling()
         body = {"running": True, "cancelled": False}
 
         async def refresh() -> None:
@@ -138,23 +144,29 @@ class DistributedLock:
                 held.acquired_at = time.monotonic()
 
         refresher = asyncio.create_task(refresh())
+        lost = False
         try:
             yield held
         except asyncio.CancelledError:
             if body["cancelled"]:
-                task.uncancel()
-                raise LockLostError(name) from None
+                body["cancelled"] = False
+                # Ours alone: no other cancellation (a shutdown, say) came with it.
+                if task.uncancel() <= base:
+                    raise LockLostError(name) from None
             raise
         finally:
             body["running"] = False
+            if body["cancelled"]:  # swallowed by the block, or answered with another error
+                body["cancelled"] = False
+                lost = True
+                task.uncancel()
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             if not held.lost:
                 with contextlib.suppress(Exception):
                     await self.release(held)
-        if body["cancelled"]:
-            task.uncancel()
+        if lost:
             raise LockLostError(name)
 
 

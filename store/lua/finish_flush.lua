@@ -65,9 +65,10 @@ else
       rcall('HDEL', tok, s, 'a:' .. s, 'f:' .. s)
       rcall('ZREMRANGEBYSCORE', log, s, s)
     end
-    rcall('HINCRBY', meta, 'tokens', -freed)
-    rcall('HINCRBY', meta, 'counted', -(#seqs - uncounted))
-    rcall('HINCRBY', meta, 'count', -#seqs)
+    -- (Never pass a negated zero: Lua formats it "-0", which HINCRBY refuses.)
+    if freed > 0 then rcall('HINCRBY', meta, 'tokens', 0 - freed) end
+    if #seqs > uncounted then rcall('HINCRBY', meta, 'counted', uncounted - #seqs) end
+    rcall('HINCRBY', meta, 'count', 0 - #seqs)
     local added = 0
     if plan.summary then
       local s = plan.position

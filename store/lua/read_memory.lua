@@ -27,16 +27,18 @@ local counts = {}
 if #messages > 0 then
   local seqs = {}
   for i, text in ipairs(messages) do seqs[i] = string.match(text, '^{"seq":(%d+)') end
-  counts = rcall('HMGET', tok, unpack(seqs))
+  -- In chunks: Lua's unpack() fails past a few thousand values.
+  for i = 1, #seqs, 500 do
+    local part = {}
+    for j = i, math.min(i + 499, #seqs) do part[#part + 1] = seqs[j] end
+    for _, c in ipairs(rcall('HMGET', tok, unpack(part))) do counts[#counts + 1] = c end
+  end
   if ARGV[4] == '1' and rcall('EXISTS', tok) == 1 then
     local now = now_ms()
-    local stamps = {}
     for _, seq in ipairs(seqs) do
-      stamps[#stamps + 1] = 'a:' .. seq
-      stamps[#stamps + 1] = now
+      rcall('HSET', tok, 'a:' .. seq, now)
       rcall('HINCRBY', tok, 'f:' .. seq, 1)
     end
-    rcall('HSET', tok, unpack(stamps))
   end
 end
 return {rcall('HGETALL', meta), rcall('HGETALL', tomb), messages, counts}

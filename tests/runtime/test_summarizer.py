@@ -9,6 +9,7 @@ from pathlib import Path
 
 from memory import FlushStrategy, MemoryRef, Message, ResourceRegistry, Role, partition_for
 from memory.flush import Limits
+from store.lock import DistributedLock
 from tests.runtime.conftest import PARTITIONS, ROOT, TOKENIZERS, Rig, user
 
 WORDS = " ".join(f"word{i}" for i in range(300))  # about 600 tokens a message
@@ -258,3 +259,67 @@ async def test_flushes_racing_four_producers_lose_nothing(rig: Rig, tmp_path: Pa
     removed = sum(int(v) for k, v in m.items() if k.startswith("removed:"))
     assert removed == len(applied) - len(present) > 0
     assert view.tokens == recount(rig, ref, [x.to_message() for x in view.messages])
+
+
+async def test_totals_agree_with_a_recount_after_every_kind_of_operation(rig: Rig) -> None:
+    """Appends, replaces, clears and flushes of every strategy, racing the accountant and
+    the summarizer: once all settle, every memory's stored total is the recount of what
+    it holds, and every message is counted exactly once."""
+    refs = [MemoryRef.parse(f"acme/customer-support/mix-{i}") for i in range(3)]
+    rig.start_all()
+    strategies = [s for s in FlushStrategy]
+    for step in range(60):
+        ref = refs[step % len(refs)]
+        if step % 17 == 16:
+            await rig.publisher.clear(ref)
+        elif step % 13 == 12:
+            await rig.publisher.replace(ref, [user(f"replaced {step}"), user(WORDS[:300])])
+        elif step % 7 == 6:
+            await rig.publisher.request_flush(ref, strategy=strategies[step % len(strategies)])
+        else:
+            role = Role.SYSTEM if step % 11 == 0 else Role.USER
+            await rig.publisher.append(ref, Message(role=role, content=f"{step} {WORDS}"))
+    flushes = 0
+    for ref in refs:
+        await rig.publisher.append(ref, user("the last one"), wait=True)
+        await rig.eventually(lambda r=ref: settled(rig, r), timeout=30, what="settled")
+        view = await rig.reader.read(ref)
+        assert view.count == len(view.messages) and None not in view.token_counts
+        assert view.tokens == recount(rig, ref, [m.to_message() for m in view.messages])
+        assert view.tokens == sum(c for c in view.token_counts if c is not None)
+        assert str(view.messages[-1].content) == "the last one"
+        flushes += int((await meta(rig, ref)).get("flushes", 0))
+    assert flushes >= 1  # flushes did happen among the operations
+
+
+async def test_a_flush_of_messages_not_counted_yet_keeps_the_totals_exact(rig: Rig) -> None:
+    ref = MemoryRef.parse("acme/customer-support/uncounted-1")
+    rig.start("appender")
+    rig.start("summarizer", rig.summarizer())  # no accountant yet: nothing is counted
+    for i in range(5):
+        await rig.publisher.append(ref, user(f"m{i} {WORDS}"), wait=True)
+    await rig.publisher.request_flush(ref, strategy=FlushStrategy.FIFO, wait=True)
+    await rig.eventually(lambda: _flushed(rig, ref), what="the flush")
+    view = await rig.reader.read(ref)
+    assert [str(m.content)[:2] for m in view.messages] == ["m2", "m3", "m4"]
+    assert view.count == 3 and view.counted == 0 and view.tokens == 0
+    # The accountant then counts what is left, and only that.
+    rig.start("accountant", rig.accountant())
+    await rig.eventually(lambda: settled(rig, ref, 3), what="the accountant")
+    view = await rig.reader.read(ref)
+    assert view.tokens == recount(rig, ref, [m.to_message() for m in view.messages])
+
+
+async def test_a_lock_left_by_another_holder_does_not_stop_a_flush(rig: Rig) -> None:
+    ref = MemoryRef.parse("acme/customer-support/locked-1")
+    stale = DistributedLock(rig.scripts, rig.keys, "a-worker-that-died")
+    assert await stale.acquire(f"flush:{ref.memory_id}", ttl=60) is not None
+    rig.start("appender")
+    rig.start("accountant", rig.accountant())
+    rig.start("summarizer", rig.summarizer(lock_wait=0.1))
+    for i in range(5):
+        await rig.publisher.append(ref, user(f"m{i} {WORDS}"), wait=True)
+    await rig.eventually(lambda: settled(rig, ref, 5), what="the accountant")
+    await rig.publisher.request_flush(ref, strategy=FlushStrategy.FIFO, wait=True)
+    await rig.eventually(lambda: _flushed(rig, ref), what="the flush")
+    assert (await rig.reader.read(ref)).count == 3

@@ -326,11 +326,6 @@ async def test_a_budget_without_room_fails_before_any_request(llm: FakeLLM) -> N
     assert llm.requests == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processors/summaries.py _complete(): str() of a null content is 'None', "
-    "so a completion without text becomes the summary 'None'",
-)
 async def test_a_null_content_is_a_summary_error(llm: FakeLLM) -> None:
     llm.default = Reply(content=None)
     with pytest.raises(SummaryError):
