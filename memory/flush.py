@@ -44,6 +44,11 @@ from memory.resource import FlushStrategy, MemoryResource, MemoryType, Priority
 MIN_SUMMARY_TOKENS = 16
 
 
+def _floor(x: float) -> int:
+    """floor() of a share of a limit, exact for decimal shares (0.57 x 100 is 57)."""
+    return math.floor(round(x, 9))
+
+
 @dataclass(frozen=True, slots=True)
 class Counted:
     """One counted message of a snapshot, and how readers used it."""
@@ -82,12 +87,12 @@ class Limits:
         )
         allocation = resource.token_allocation
         return cls(
-            tokens=math.floor(share * token_limit) if token_limit else None,
-            messages=max(1, math.floor(share * message_limit)) if message_limit else None,
-            short_term=math.floor(allocation.short_term * token_limit)
+            tokens=_floor(share * token_limit) if token_limit else None,
+            messages=max(1, _floor(share * message_limit)) if message_limit else None,
+            short_term=_floor(allocation.short_term * token_limit)
             if allocation and token_limit
             else None,
-            long_term=math.floor(allocation.long_term * token_limit)
+            long_term=_floor(allocation.long_term * token_limit)
             if allocation and token_limit
             else None,
         )
@@ -294,12 +299,14 @@ def _hybrid(
     budget = resource.flushing.summary_tokens
     if limits.long_term is not None:
         budget = min(budget, limits.long_term)
+    if budget < MIN_SUMMARY_TOKENS:
+        return None  # no summary fits the long-term share: remove instead
     summaries = [e for e in candidates if e.message.is_summary]
     messages = [e for e in candidates if not e.message.is_summary]
     if not messages:
         return None
     share = resource.flushing.summarize_oldest_percent
-    n = min(len(messages), max(1, math.ceil(share * len(messages))))
+    n = min(len(messages), max(1, math.ceil(round(share * len(messages), 9))))
     folded = list(summaries)
     for e in summaries:
         measure.take(e)

@@ -48,20 +48,28 @@ class _Sentence:
 
 
 def _speaker(message: StoredMessage) -> str:
-    if message.is_summary:
-        return "earlier"
     return f"{message.role.value} {message.name}" if message.name else message.role.value
 
 
-def _sentences(message: StoredMessage) -> list[str]:
+_LINE = re.compile(r"(?:earlier: )*([^:\n]{1,60}): (.+)")
+
+
+def _sentences(message: StoredMessage) -> list[tuple[str, str]]:
+    """(speaker, sentence) pairs of a message; an earlier summary's lines keep the
+    speaker they were written with."""
     text = text_of(message)
     if message.is_summary:
-        # An earlier summary: its lines (past the header) are sentences already.
-        lines = [ln.strip() for ln in text.splitlines()[1:]]
-        return [ln[2:] if ln.startswith("- ") else ln for ln in lines if ln]
-    found = [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+        found = []
+        for line in text.splitlines()[1:]:  # past the header
+            line = line.strip().removeprefix("- ")
+            if line:
+                m = _LINE.fullmatch(line)
+                found.append((m.group(1), m.group(2)) if m else ("earlier", line))
+        return found
+    who = _speaker(message)
+    found = [(who, s.strip()) for s in _SENTENCE.split(text) if s and s.strip()]
     for call in message.tool_calls or ():
-        found.append(f"called {call.function.name}({call.function.arguments})")
+        found.append((who, f"called {call.function.name}({call.function.arguments})"))
     return found
 
 
@@ -84,17 +92,17 @@ def extractive_summary(
 ) -> Message:
     """A summary message of ``messages`` that counts at most ``budget`` tokens."""
     header = HEADER.format(n=sum(len(m.covers or [m.seq]) for m in messages))
-    raw: list[tuple[str, list[str]]] = []
+    raw: list[tuple[str, str, list[str]]] = []
     for m in messages:
-        who = _speaker(m)
-        for sentence in _sentences(m):
-            raw.append((f"- {who}: {sentence}", _WORD.findall(sentence)))
+        for who, sentence in _sentences(m):
+            raw.append((f"- {who}: {sentence}", sentence, _WORD.findall(sentence)))
     frequency: Counter[str] = Counter(
-        w.lower() for _, words in raw for w in set(words) if w.lower() not in _STOP
+        w.lower() for _, _, words in raw for w in set(words) if w.lower() not in _STOP
     )
+    # Only the sentence is scored: the speaker's name is no information.
     sentences = [
-        _Sentence(i, line, _score(words, frequency, line), counter.text(line + "\n"))
-        for i, (line, words) in enumerate(raw)
+        _Sentence(i, line, _score(words, frequency, sentence), counter.text(line + "\n"))
+        for i, (line, sentence, words) in enumerate(raw)
     ]
     room = budget - counter.message(_summary(header))
     chosen: list[_Sentence] = []

@@ -22,7 +22,13 @@ from redis.exceptions import ResponseError
 
 from events.codec import printable
 from processors.failures import Backoff, id_order, is_entry_fault
-from processors.port import Batch, EntryFailedError, Processor, WritesLetters
+from processors.port import (
+    Batch,
+    EntryFailedError,
+    Processor,
+    WorksInBackground,
+    WritesLetters,
+)
 from store import (
     TRANSIENT_ERRORS,
     Lease,
@@ -48,6 +54,7 @@ class LoopConfig:
     exact_trim: bool = True
     backoff_max: float = 2.0
     max_batch_bytes: int = 8 * 1024 * 1024
+    drain_seconds: float = 5.0  # how long background work may end when a partition is given up
 
 
 @dataclass
@@ -103,6 +110,20 @@ class PartitionLoop:
 
     async def run(self) -> None:
         """Run until stopped or the lease is lost; never raises but CancelledError."""
+        try:
+            await self._run()
+        finally:
+            if isinstance(self._processor, WorksInBackground):
+                # Given up: let background work end a moment; lost: stop it now.
+                wait = 0.0 if self.state.lost else self._config.drain_seconds
+                await self._processor.drop(self._p, wait=wait)
+
+    def _in_flight(self) -> set[str]:
+        if isinstance(self._processor, WorksInBackground):
+            return self._processor.in_flight(self._p)
+        return set()
+
+    async def _run(self) -> None:
         backoff = Backoff(cap=self._config.backoff_max)
         claimed = False
         while not self.state.stop.is_set():
@@ -154,9 +175,12 @@ class PartitionLoop:
     async def _step(self) -> None:
         cfg = self._config
         count = 1 if self._narrow_through else cfg.batch_size
-        delivery = await self._streams.read(self._lease, self._consumer, count, cfg.max_batch_bytes)
+        in_flight = self._in_flight()
+        delivery = await self._streams.read(
+            self._lease, self._consumer, count, cfg.max_batch_bytes, skip=sorted(in_flight)
+        )
         if not delivery.entries:
-            self.state.idle = True
+            self.state.idle = not in_flight
             await self._maybe_trim()
             await self._wait(delivery.tail)
             return
@@ -191,7 +215,7 @@ class PartitionLoop:
             )
         await self._maybe_trim()
         if drained:
-            self.state.idle = True
+            self.state.idle = not self._in_flight()
             await self._wait(delivery.tail)
 
     async def _process(self, entries: list[StreamEntry]) -> bool:

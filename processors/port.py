@@ -70,3 +70,22 @@ class WritesLetters(Protocol):
     def letter(self, entry: StreamEntry, detail: str) -> tuple[str, str]:
         """The event text and the detail (an error that may quote the event) to keep."""
         ...
+
+
+@runtime_checkable
+class WorksInBackground(Protocol):
+    """A processor that may return before some entries of a batch are settled: it
+    works on them in the background and settles them itself, with its own fenced
+    script (the summarizer, so a slow summary does not hold up the partition's other
+    flushes). The loop passes over them when it reads, and tells the processor when
+    the partition is given up or lost."""
+
+    def in_flight(self, partition: int) -> set[str]:
+        """The ids of the partition's entries still being worked on."""
+        ...
+
+    async def drop(self, partition: int, *, wait: float) -> None:
+        """The partition is being given up (``wait`` > 0: let the work end within that
+        many seconds) or was lost (``wait`` 0): stop its background work. Entries not
+        settled stay pending, for the next owner."""
+        ...

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -141,6 +142,7 @@ class Summarizer:
         summary_timeout: float = 60.0,
         concurrency: int = 8,
         lock_wait: float = 2.0,
+        detach_after: float = 1.0,
     ) -> None:
         self._flushes = flushes
         self.registry = registry  # replaced as a whole on reload (SIGHUP)
@@ -152,8 +154,22 @@ class Summarizer:
         self._summary_timeout = summary_timeout
         self._slots = asyncio.Semaphore(concurrency)
         self._lock_wait = lock_wait
+        self._detach_after = detach_after
+        # By partition: the flush running for each memory (and its entry ids), and the
+        # entries of requests that wait for it.
+        self._running: defaultdict[int, dict[str, tuple[asyncio.Task[None], set[str]]]] = (
+            defaultdict(dict)
+        )
+        self._waiting: defaultdict[int, dict[str, set[str]]] = defaultdict(dict)
 
     async def process(self, batch: Batch) -> Handled:
+        """Start a flush per memory of the batch, concurrently, and return once they
+        have ended or ``detach_after`` seconds have passed: a flush still running then
+        (a slow LLM summary) goes on in the background and settles its requests itself,
+        while the partition's other requests are served. A request for a memory whose
+        flush is running waits (pending, passed over) until that flush ends."""
+        p = batch.partition
+        running = self._running[p]
         by_memory: dict[str, list[FlushRequest]] = defaultdict(list)
         for entry in batch.entries:
             try:
@@ -162,14 +178,54 @@ class Summarizer:
                 await self._refuse(batch.lease, entry, str(e))
                 continue
             by_memory[request.memory_id].append(request)
-        results = await asyncio.gather(
-            *(self._guarded(batch.lease, reqs) for reqs in by_memory.values()),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        started = []
+        for memory_id, requests in by_memory.items():
+            if memory_id in running:
+                self._waiting[p].setdefault(memory_id, set()).update(r.entry for r in requests)
+                continue
+            task = asyncio.create_task(self._guarded(batch.lease, requests))
+            running[memory_id] = (task, {r.entry for r in requests})
+            task.add_done_callback(functools.partial(self._ended, p, memory_id))
+            started.append(task)
+        if started:
+            done, _ = await asyncio.wait(started, timeout=self._detach_after)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
         return Handled()
+
+    def _ended(self, p: int, memory_id: str, task: asyncio.Task[None]) -> None:
+        """A flush ended: its requests are settled (or, after an error, pending again),
+        and the requests that waited for it are read again."""
+        if self._running[p].get(memory_id, (None,))[0] is task:
+            del self._running[p][memory_id]
+        self._waiting[p].pop(memory_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning(
+                "partition %d: the flush of %s stopped: %r (its requests stay pending)",
+                p,
+                memory_id,
+                task.exception(),
+            )
+
+    def in_flight(self, partition: int) -> set[str]:
+        ids: set[str] = set()
+        for _, entries in self._running[partition].values():
+            ids |= entries
+        for entries in self._waiting[partition].values():
+            ids |= entries
+        return ids
+
+    async def drop(self, partition: int, *, wait: float) -> None:
+        tasks = [task for task, _ in self._running[partition].values()]
+        if tasks and wait > 0:
+            await asyncio.wait(tasks, timeout=wait)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._running.pop(partition, None)
+        self._waiting.pop(partition, None)
 
     async def _refuse(self, lease: Lease, entry: StreamEntry, why: str) -> None:
         fields = entry.fields or {}

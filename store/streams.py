@@ -93,15 +93,21 @@ class PartitionStreams:
         )
 
     async def read(
-        self, lease: Lease, consumer: str, count: int, max_bytes: int = DEFAULT_READ_BYTES
+        self,
+        lease: Lease,
+        consumer: str,
+        count: int,
+        max_bytes: int = DEFAULT_READ_BYTES,
+        skip: Sequence[str] = (),
     ) -> Delivery:
-        """Entries pending for ``consumer`` first, else new ones (fenced), up to ``count``
-        entries or about ``max_bytes`` of entry data."""
+        """Entries pending for ``consumer`` first (but those in ``skip``, which the
+        processor is still working on), else new ones (fenced), up to ``count`` entries
+        or about ``max_bytes`` of entry data."""
         lease_key, attempts = self._fenced(lease)
         reply = await self._scripts(
             "read_entries",
             [lease_key, self.stream(lease.partition), attempts],
-            [lease.value, self.group.value, consumer, count, max_bytes],
+            [lease.value, self.group.value, consumer, count, max_bytes, *skip],
         )
         if reply[0] == "stale":
             raise LeaseLostError(lease.partition, self.group.value)

@@ -12,6 +12,8 @@
 -- ARGV[3] consumer   the caller's consumer name
 -- ARGV[4] count      the most entries to return
 -- ARGV[5] max_bytes  stop adding entries once their data reaches this size
+-- ARGV[6..]          pending ids to pass over: entries the processor is still working
+--                    on in the background (it settles them itself)
 -- Returns {'stale'} when the lease is not the caller's (nothing is delivered), else
 -- {'ok', source, entries, attempts, tail, more}: source is 'pending' or 'new'; entries are
 -- {id, fields} ({id, false} for an entry deleted from the stream); attempts are the
@@ -22,6 +24,8 @@ local lease, stream, attempts = KEYS[1], KEYS[2], KEYS[3]
 local value, group, consumer = ARGV[1], ARGV[2], ARGV[3]
 local count, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 local CHUNK = 10
+local skip = {}
+for i = 6, #ARGV do skip[ARGV[i]] = true end
 
 if rcall('GET', lease) ~= value then
   return {'stale'}
@@ -48,9 +52,11 @@ local function take(start)
       'COUNT', math.min(CHUNK, count - #taken), 'STREAMS', stream, cursor))
     if #got == 0 then return taken, 0 end
     for _, entry in ipairs(got) do
-      taken[#taken + 1] = entry
-      bytes = bytes + size(entry)
-      if bytes >= max_bytes then return taken, 1 end
+      if start == '>' or not skip[entry[1]] then
+        taken[#taken + 1] = entry
+        bytes = bytes + size(entry)
+        if bytes >= max_bytes then return taken, 1 end
+      end
     end
     if start ~= '>' then cursor = got[#got][1] end
   end

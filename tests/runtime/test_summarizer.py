@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
-from memory import FlushStrategy, MemoryRef, Message, ResourceRegistry, Role, partition_for
+from memory import (
+    FlushStrategy,
+    MemoryRef,
+    Message,
+    ResourceRegistry,
+    Role,
+    StoredMessage,
+    partition_for,
+)
 from memory.flush import Limits
+from memory.summary import extractive_summary
+from memory.tokens import TokenCounter
 from store.lock import DistributedLock
 from tests.runtime.conftest import PARTITIONS, ROOT, TOKENIZERS, Rig, user
 
@@ -323,3 +334,59 @@ async def test_a_lock_left_by_another_holder_does_not_stop_a_flush(rig: Rig) -> 
     await rig.publisher.request_flush(ref, strategy=FlushStrategy.FIFO, wait=True)
     await rig.eventually(lambda: _flushed(rig, ref), what="the flush")
     assert (await rig.reader.read(ref)).count == 3
+
+
+class _SlowWriter:
+    """Extractive, but a summary of anything that mentions "slow" waits for ``go``."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def write(
+        self, messages: Sequence[StoredMessage], budget: int, counter: TokenCounter
+    ) -> Message:
+        if any("slow" in str(m.content) for m in messages):
+            self.waiting.set()
+            await self.go.wait()
+        return extractive_summary(messages, budget, counter)
+
+
+def _same_partition(n: int) -> list[MemoryRef]:
+    refs: list[MemoryRef] = []
+    for i in itertools.count():
+        ref = MemoryRef.parse(f"acme/customer-support/side-{i}")
+        if partition_for(ref.memory_id, PARTITIONS) == 0:
+            refs.append(ref)
+        if len(refs) == n:
+            return refs
+    raise AssertionError("unreachable")
+
+
+async def test_a_slow_summary_does_not_hold_up_other_flushes_of_its_partition(rig: Rig) -> None:
+    slow_ref, other_ref = _same_partition(2)
+    writer = _SlowWriter()
+    rig.start("appender")
+    rig.start("accountant", rig.accountant())
+    rig.start("summarizer", rig.summarizer(writer, summary_timeout=60, detach_after=0.2))
+    for i in range(5):
+        await rig.publisher.append(slow_ref, user(f"slow {i}. {WORDS}"), wait=True)
+        await rig.publisher.append(other_ref, user(f"fast {i}. {WORDS}"), wait=True)
+    await rig.eventually(lambda: settled_counts(rig, slow_ref, 5), what="counted")
+    await rig.eventually(lambda: settled_counts(rig, other_ref, 5), what="counted")
+    await rig.publisher.request_flush(slow_ref, wait=True)
+    await asyncio.wait_for(writer.waiting.wait(), 10)
+    # While that summary is being written: another request for the same memory waits,
+    # and another memory of the partition is flushed.
+    await rig.publisher.request_flush(slow_ref, wait=True)
+    await rig.publisher.request_flush(other_ref, wait=True)
+    await rig.eventually(lambda: _flushed(rig, other_ref), what="the other memory's flush")
+    assert not await _flushed(rig, slow_ref)
+    writer.go.set()
+    await rig.eventually(lambda: _flushed(rig, slow_ref), what="the slow flush")
+    await rig.eventually(lambda: settled(rig, slow_ref), what="both requests settled")
+    view = await rig.reader.read(slow_ref)
+    assert sum(1 for m in view.messages if m.is_summary) == 1
+    assert int((await meta(rig, slow_ref))["flushes"]) == 1  # the second found it at target

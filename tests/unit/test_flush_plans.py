@@ -112,11 +112,6 @@ def test_limits_follow_max_context_ratio() -> None:
     assert Limits.target_of(resource) == Limits(tokens=2000)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flush.py Limits.target_of: math.floor(0.57 * 100) == 56 (float rounding); "
-    "target x limit should be 57",
-)
 def test_targets_are_exact_for_decimal_shares() -> None:
     resource = make_resource({"target": 0.57}, type="buffer", max_tokens=100, max_messages=100)
     assert Limits.target_of(resource) == Limits(tokens=57, messages=57)
@@ -215,9 +210,7 @@ def test_a_keyword_at_the_protected_level_protects_the_message_from_every_strate
         assert plan.tokens_after <= 200, strategy
 
 
-def test_priorities_take_the_highest_of_role_and_keywords_and_rank_summaries_below_protected() -> (
-    None
-):
+def test_priority_levels_of_roles_keywords_explicit_values_and_summaries() -> None:
     resource = make_resource(
         priority={
             "keywords": [
@@ -499,11 +492,6 @@ def test_hybrid_share_is_rounded_up_to_whole_messages(share: float, folded: int)
     assert plan.tokens_after == 900 - 90 * folded + 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flush.py _hybrid: math.ceil(0.07 * 100) == 8 (float rounding); the oldest 7% "
-    "of 100 messages is 7",
-)
 def test_hybrid_share_is_exact_for_decimal_shares() -> None:
     entries = users(range(1, 101), 10)
     resource = make_resource(
@@ -593,26 +581,19 @@ def test_hybrid_on_a_message_count_based_memory_folds_to_the_message_target() ->
     assert (plan.summary_budget, plan.messages_after, plan.tokens_after) == (200, 5, 600)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flush.py _hybrid: MIN_SUMMARY_TOKENS is only checked when the summary is "
-    "shrunk; a budget of summary_tokens or of the long_term share below it (even 0) is "
-    "planned as is, and no summary message fits it",
-)
 @pytest.mark.parametrize(
-    "fields",
+    ("flushing", "allocation"),
     [
-        {"token_allocation": {"system": 0.1, "short_term": 0.9, "long_term": 0.0}},
-        {"token_allocation": {"system": 0.1, "short_term": 0.89, "long_term": 0.01}},
-        {"flushing": hybrid(summary_tokens=5)},
+        (hybrid(), {"system": 0.1, "short_term": 0.9, "long_term": 0.0}),
+        (hybrid(), {"system": 0.1, "short_term": 0.89, "long_term": 0.01}),
+        (hybrid(summary_tokens=5), None),
     ],
 )
 def test_hybrid_never_plans_a_summary_below_the_smallest_useful_size(
-    fields: dict[str, Any],
+    flushing: dict[str, Any], allocation: dict[str, float] | None
 ) -> None:
     entries = users(range(1, 10), 100)
-    resource = make_resource(fields.pop("flushing", hybrid()), **fields)
-    plan = plan_flush(entries, resource)
+    plan = plan_flush(entries, make_resource(flushing, token_allocation=allocation))
     assert plan.summarize == () or plan.summary_budget >= MIN_SUMMARY_TOKENS
 
 
@@ -715,16 +696,19 @@ class Oracle:
         self.entries = entries
         self.resource = resource
         share = resource.flushing.target
-        token_limit = resource.max_tokens
-        allocation = resource.token_allocation
-        self.tokens = math.floor(share * token_limit) if token_limit else None
-        self.messages = (
-            max(1, math.floor(share * resource.max_messages)) if resource.max_messages else None
-        )
+        token_limit = resource.max_tokens  # the generated resources set no context ratio
+        message_limit = resource.max_messages
         if resource.type is MemoryType.TOKEN_BASED:
-            self.messages = None
-        self.short = math.floor(allocation.short_term * token_limit) if allocation else None
-        self.long = math.floor(allocation.long_term * token_limit) if allocation else None
+            message_limit = None
+        allocation = resource.token_allocation
+        self.tokens = self.short = self.long = self.messages = None
+        if token_limit is not None:
+            self.tokens = math.floor(share * token_limit)
+            if allocation is not None:
+                self.short = math.floor(allocation.short_term * token_limit)
+                self.long = math.floor(allocation.long_term * token_limit)
+        if message_limit is not None:
+            self.messages = max(1, math.floor(share * message_limit))
         self.protected = {e.seq for e in entries if is_protected(e.message, resource)}
         self.protected_tokens = sum(e.tokens for e in entries if e.seq in self.protected)
 
