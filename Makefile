@@ -28,4 +28,7 @@ contract: ## Regenerate the committed JSON Schema and conformance vectors
 bench: ## Run the append benchmark (see benchmarks/README.md)
 	$(PY) benchmarks/append.py
 
-.PHONY: help venv lint format test test-fast contract bench
+bench-accountant: ## Run the accountant benchmark (see benchmarks/README.md)
+	$(PY) benchmarks/accountant.py
+
+.PHONY: help venv lint format test test-fast contract bench bench-accountant
