@@ -54,7 +54,9 @@ class LoopConfig:
     exact_trim: bool = True
     backoff_max: float = 2.0
     max_batch_bytes: int = 8 * 1024 * 1024
-    drain_seconds: float = 5.0  # how long background work may end when a partition is given up
+    # How long background work may go on when a partition is given up; it must end well
+    # within the lease TTL (a lease that expires meanwhile charges a pending entry).
+    drain_seconds: float = 0.0
 
 
 @dataclass
@@ -176,9 +178,17 @@ class PartitionLoop:
         cfg = self._config
         count = 1 if self._narrow_through else cfg.batch_size
         in_flight = self._in_flight()
+        if self._narrow_through and in_flight:
+            # One entry at a time means after the background work ends, too.
+            await self._sleep(0.05)
+            return
         delivery = await self._streams.read(
             self._lease, self._consumer, count, cfg.max_batch_bytes, skip=sorted(in_flight)
         )
+        if delivery.source == "new" and delivery.entries and self._in_flight() != in_flight:
+            # Background work ended during the read: what it released comes first, in
+            # id order with these (all pending now), at the next read.
+            return
         if not delivery.entries:
             self.state.idle = not in_flight
             await self._maybe_trim()
@@ -220,7 +230,7 @@ class PartitionLoop:
 
     async def _process(self, entries: list[StreamEntry]) -> bool:
         """Process a batch; True when every entry of it was settled."""
-        batch = Batch(self._p, self._lease, entries)
+        batch = Batch(self._p, self._lease, entries, narrowing=self._narrow_through is not None)
         try:
             handled = await self._processor.process(batch)
         except EntryFailedError as e:

@@ -22,6 +22,10 @@ class Batch:
     partition: int
     lease: Lease
     entries: Sequence[StreamEntry]
+    # One entry at a time (after an unclean takeover or a failed batch): a processor
+    # that works in the background settles it before returning, so a crash is charged
+    # to the entry that caused it.
+    narrowing: bool = False
 
 
 @dataclass(frozen=True, slots=True)

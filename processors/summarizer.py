@@ -39,8 +39,8 @@ from memory.errors import InvalidReferenceError
 from memory.flush import Counted, Plan, plan_flush
 from memory.resource import MemoryType
 from memory.tokens import TokenCounter
-from processors.failures import is_entry_fault
-from processors.port import Batch, Handled
+from processors.failures import id_order, is_entry_fault
+from processors.port import Batch, EntryFailedError, Handled
 from processors.summaries import ExtractiveWriter, SummaryWriter
 from processors.tokenizers import Tokenizers
 from store import (
@@ -143,6 +143,7 @@ class Summarizer:
         concurrency: int = 8,
         lock_wait: float = 2.0,
         detach_after: float = 1.0,
+        max_background: int = 16,
     ) -> None:
         self._flushes = flushes
         self.registry = registry  # replaced as a whole on reload (SIGHUP)
@@ -161,6 +162,9 @@ class Summarizer:
             defaultdict(dict)
         )
         self._waiting: defaultdict[int, dict[str, set[str]]] = defaultdict(dict)
+        # Entries whose background flush failed (not transiently), with the error.
+        self._faults: defaultdict[int, dict[str, Exception]] = defaultdict(dict)
+        self._max_background = max_background
 
     async def process(self, batch: Batch) -> Handled:
         """Start a flush per memory of the batch, concurrently, and return once they
@@ -170,6 +174,17 @@ class Summarizer:
         flush is running waits (pending, passed over) until that flush ends."""
         p = batch.partition
         running = self._running[p]
+        faulted = [e.id for e in batch.entries if e.id in self._faults[p]]
+        if faulted:
+            # A flush that failed in the background: its first entry is charged an
+            # attempt (the loop narrows to it first when it came with others).
+            if len(batch.entries) > 1:
+                raise RuntimeError(f"the background flush of entry {faulted[0]} failed")
+            raise EntryFailedError(faulted[0], self._faults[p].pop(faulted[0]))
+        while len(running) >= self._max_background:
+            await asyncio.wait(
+                [task for task, _ in running.values()], return_when=asyncio.FIRST_COMPLETED
+            )
         by_memory: dict[str, list[FlushRequest]] = defaultdict(list)
         for entry in batch.entries:
             try:
@@ -188,7 +203,8 @@ class Summarizer:
             task.add_done_callback(functools.partial(self._ended, p, memory_id))
             started.append(task)
         if started:
-            done, _ = await asyncio.wait(started, timeout=self._detach_after)
+            timeout = None if batch.narrowing else self._detach_after
+            done, _ = await asyncio.wait(started, timeout=timeout)
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -197,16 +213,28 @@ class Summarizer:
     def _ended(self, p: int, memory_id: str, task: asyncio.Task[None]) -> None:
         """A flush ended: its requests are settled (or, after an error, pending again),
         and the requests that waited for it are read again."""
-        if self._running[p].get(memory_id, (None,))[0] is task:
-            del self._running[p][memory_id]
+        running = self._running.get(p)
+        if running is None:
+            return  # the partition was given up (``drop``)
+        entries: set[str] = set()
+        if running.get(memory_id, (None,))[0] is task:
+            entries = running.pop(memory_id)[1]
         self._waiting[p].pop(memory_id, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning(
-                "partition %d: the flush of %s stopped: %r (its requests stay pending)",
-                p,
-                memory_id,
-                task.exception(),
-            )
+        error = None if task.cancelled() else task.exception()
+        if error is None:
+            return
+        log.warning(
+            "partition %d: the flush of %s stopped: %r (its requests stay pending)",
+            p,
+            memory_id,
+            error,
+        )
+        transient = isinstance(error, (LeaseLostError, *TRANSIENT_ERRORS)) and not (
+            isinstance(error, ResponseError) and is_entry_fault(error)
+        )
+        if entries and not transient and isinstance(error, Exception):
+            # Charged when its entry comes back (see ``process``).
+            self._faults[p][min(entries, key=id_order)] = error
 
     def in_flight(self, partition: int) -> set[str]:
         ids: set[str] = set()
@@ -218,14 +246,17 @@ class Summarizer:
 
     async def drop(self, partition: int, *, wait: float) -> None:
         tasks = [task for task, _ in self._running[partition].values()]
-        if tasks and wait > 0:
-            await asyncio.wait(tasks, timeout=wait)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        self._running.pop(partition, None)
-        self._waiting.pop(partition, None)
+        try:
+            if tasks and wait > 0:
+                await asyncio.wait(tasks, timeout=wait)
+        finally:
+            self._running.pop(partition, None)
+            self._waiting.pop(partition, None)
+            self._faults.pop(partition, None)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _refuse(self, lease: Lease, entry: StreamEntry, why: str) -> None:
         fields = entry.fields or {}

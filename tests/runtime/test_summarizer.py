@@ -7,6 +7,9 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from redis.exceptions import ResponseError
 
 from memory import (
     FlushStrategy,
@@ -20,6 +23,8 @@ from memory import (
 from memory.flush import Limits
 from memory.summary import extractive_summary
 from memory.tokens import TokenCounter
+from processors.summarizer import Summarizer
+from store import Flushes
 from store.lock import DistributedLock
 from tests.runtime.conftest import PARTITIONS, ROOT, TOKENIZERS, Rig, user
 
@@ -390,3 +395,38 @@ async def test_a_slow_summary_does_not_hold_up_other_flushes_of_its_partition(ri
     view = await rig.reader.read(slow_ref)
     assert sum(1 for m in view.messages if m.is_summary) == 1
     assert int((await meta(rig, slow_ref))["flushes"]) == 1  # the second found it at target
+
+
+class _BrokenFlushes(Flushes):
+    """Every end of a flush fails like a script bug, after a while."""
+
+    def __init__(self, rig: Rig) -> None:
+        super().__init__(rig.scripts, rig.keys)
+        self.calls = 0
+
+    async def finish(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        await asyncio.sleep(0.3)
+        raise ResponseError("Error running script (call to f_0): @user_script:1: broken")
+
+
+async def test_a_flush_failing_in_the_background_is_charged_and_dead_lettered(rig: Rig) -> None:
+    ref = _same_partition(1)[0]
+    broken = _BrokenFlushes(rig)
+    summarizer = Summarizer(broken, rig.registry, TOKENIZERS, detach_after=0.05)
+    rig.start("appender")
+    rig.start("summarizer", summarizer)
+    await rig.publisher.append(ref, user("hello"), wait=True)
+    await rig.publisher.request_flush(ref, strategy=FlushStrategy.FIFO, wait=True)
+    letters = rig.keys.dlq(0)
+
+    async def dead_lettered() -> bool:
+        return int(await rig.client.xlen(letters)) == 1
+
+    await rig.eventually(dead_lettered, timeout=30, what="the dead letter")
+    letter = (await rig.client.xrange(letters))[0][1]
+    assert letter["source"] == rig.keys.flush(0) and "ResponseError" in letter["detail"]
+    # Charged once per attempt (max_attempts 3), each a finish and its failed end.
+    assert broken.calls <= 2 * rig.config.loop.max_attempts + 2
+    await asyncio.sleep(1)
+    assert int(await rig.client.xlen(letters)) == 1
