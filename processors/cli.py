@@ -17,7 +17,7 @@ from events import Publisher
 from events.schema import event_schema_text
 from memory import AgentResource, DomainError, MemoryRef, MemoryResource, Message, Role
 from processors import dlq as dead_letters
-from processors import flushcli
+from processors import flushcli, opscli
 from processors.accountant import Accountant
 from processors.app import App
 from processors.appender import Appender
@@ -328,6 +328,7 @@ def schema(what: str) -> None:
 
 main.add_command(dead_letters.dlq)
 flushcli.register(main, _ref, STORED_KEY)
+opscli.register(main, _ref, STORED_KEY)
 main.add_command(resources)
 
 __all__ = ["main"]

@@ -768,3 +768,47 @@ def test_flush_dry_run_then_flush_then_health(service: Cli) -> None:
     }
     assert service("health", ref).out.startswith(f"{ref}: generation")
     assert service("flush", ref, "--strategy", "nope").code == 2
+
+
+def test_write_append_stats_clear_and_delete(service: Cli, tmp_path: Path) -> None:
+    ref = f"acme/customer-support/{fresh_key()}"
+    first = tmp_path / "first.json"
+    first.write_text(
+        json.dumps([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"}])
+    )
+    more = tmp_path / "more.json"
+    more.write_text(json.dumps([{"role": "assistant", "content": f"a{i}"} for i in range(3)]))
+    written = service("write", ref, "--file", str(first))
+    assert written.code == 0 and written.out.strip() == "write: 1 applied", written.err
+    appended = service("append", ref, "--file", str(more), "--json")
+    assert appended.code == 0, appended.err
+    seqs = [o["seq"] for o in appended.json()["outcomes"]]
+    assert len(seqs) == 3 and seqs == sorted(seqs)
+    contents = [m["content"] for m in service("read", ref, "--json").json()["messages"]]
+    assert contents == ["Be kind.", "hi", "a0", "a1", "a2"]
+    stats = service("stats", ref, "--json").json()
+    assert stats["messages"] == 5 and stats["pages"] == 1
+    assert {r: v["messages"] for r, v in stats["roles"].items()} == {
+        "assistant": 3,
+        "system": 1,
+        "user": 1,
+    }
+    # A second write replaces everything, atomically.
+    assert service("write", ref, "--file", str(more)).code == 0
+    contents = [m["content"] for m in service("read", ref, "--json").json()["messages"]]
+    assert contents == ["a0", "a1", "a2"]
+    # clear needs --yes (usage error, exit 2), then empties the memory.
+    refused = service("clear", ref)
+    assert refused.code == 2 and "--yes" in refused.err
+    assert service("read", ref, "--json").json()["count"] == 3
+    assert service("clear", ref, "--yes").code == 0
+    assert service("read", ref, "--json").json()["count"] == 0
+    assert service("delete", ref).code == 0
+    assert service("stats", ref, "--json").json()["exists"] is False
+    # Bad files name the file and the fault; refused events exit 3.
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"role": "nope"}]')
+    invalid = service("append", ref, "--file", str(bad))
+    assert invalid.code == 2 and "bad.json: 0.role" in invalid.err
+    unknown = service("append", "acme/no-such-resource/x", "--file", str(first))
+    assert unknown.code == 3 and "unknown_resource" in unknown.err
