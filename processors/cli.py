@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -215,18 +216,39 @@ def vars_of(obj: object) -> dict[str, Any]:
     show_default=True,
     help="page size with --after",
 )
+@click.option(
+    "--budget",
+    type=click.IntRange(min=1),
+    help="what fits a context of N tokens: protected messages first, then the newest",
+)
 @click.option("--json", "as_json_out", is_flag=True, help="print JSON")
 @STORED_KEY
 @command
 async def read(
-    ref: str, last: int | None, after: int | None, limit: int, as_json_out: bool, stored_key: bool
+    ref: str,
+    last: int | None,
+    after: int | None,
+    limit: int,
+    budget: int | None,
+    as_json_out: bool,
+    stored_key: bool,
 ) -> None:
     """Print the memory REF (TENANT/RESOURCE/KEY), oldest message first."""
     memory = _ref(ref, stored_key)
-    if last is not None and after is not None:
-        raise click.UsageError("pass --last or --after, not both")
+    if sum(x is not None for x in (last, after, budget)) > 1:
+        raise click.UsageError("pass one of --last, --after and --budget")
+    fit: dict[str, Any] = {}
     async with App(settings_from()) as app:
-        view = await app.reader().read(memory, last=last, after=after, limit=limit)
+        reader = app.reader()
+        if budget is not None:
+            resource = app.registry().get_resource(memory.resource)
+            counter = Tokenizers().for_resource(resource)
+            window = await reader.read_context(memory, resource, counter, budget=budget)
+            await reader.touches_done()
+            view = dataclasses.replace(window.view, messages=window.messages)
+            fit = {"tokens": window.tokens, "budget": budget, "over_budget": window.over_budget}
+        else:
+            view = await reader.read(memory, last=last, after=after, limit=limit)
     if as_json_out:
         click.echo(
             json.dumps(
@@ -238,6 +260,7 @@ async def read(
                     "count": view.count,
                     "watermark": view.watermark,
                     "next_after": view.next_after,
+                    **fit,
                     "messages": [
                         m.model_dump(mode="json", exclude_none=True) for m in view.messages
                     ],
@@ -251,6 +274,8 @@ async def read(
     click.echo(
         f"# {memory.memory_id}: generation {view.generation}, {view.count} message(s), "
         f"showing {len(view.messages)}"
+        + (f" ({fit['tokens']} of {budget} tokens)" if fit else "")
+        + (" OVER BUDGET: protected messages alone exceed it" if fit.get("over_budget") else "")
     )
     for m in view.messages:
         content = m.content if isinstance(m.content, str) else json.dumps(m.model_dump()["content"])

@@ -197,6 +197,11 @@ class MemoryReader:
             over_budget=over,
         )
 
+    async def touches_done(self) -> None:
+        """Wait for the use records of earlier context reads (before closing a client)."""
+        if self._touching:
+            await asyncio.gather(*self._touching, return_exceptions=True)
+
     def _touch_later(self, partition: int, ref: MemoryRef, seqs: list[int]) -> None:
         task = asyncio.create_task(self._touch(partition, ref, seqs))
         self._touching.add(task)

@@ -812,3 +812,29 @@ def test_write_append_stats_clear_and_delete(service: Cli, tmp_path: Path) -> No
     assert invalid.code == 2 and "bad.json: 0.role" in invalid.err
     unknown = service("append", "acme/no-such-resource/x", "--file", str(first))
     assert unknown.code == 3 and "unknown_resource" in unknown.err
+
+
+def test_read_within_a_token_budget(service: Cli, tmp_path: Path) -> None:
+    ref = f"acme/customer-support/{fresh_key()}"
+    messages = tmp_path / "m.json"
+    messages.write_text(
+        json.dumps(
+            [
+                {"role": "system", "content": "Be kind."},
+                *({"role": "user", "content": f"question {i}: " + "word " * 40} for i in range(5)),
+            ]
+        )
+    )
+    assert service("write", ref, "--file", str(messages)).code == 0
+    everything = service("read", ref, "--budget", "4000", "--json").json()
+    assert len(everything["messages"]) == 6 and not everything["over_budget"]
+    budget = everything["tokens"] * 2 // 5  # the system message and one or two questions
+    fit = service("read", ref, "--budget", str(budget), "--json").json()
+    assert fit["tokens"] <= budget
+    kept = [m["content"] for m in fit["messages"]]
+    assert kept[0] == "Be kind." and kept[-1].startswith("question 4")
+    assert 2 <= len(kept) <= 3
+    tiny = service("read", ref, "--budget", "2", "--json").json()
+    assert tiny["over_budget"] and tiny["messages"] == []
+    both = service("read", ref, "--budget", "10", "--last", "2")
+    assert both.code == 2
