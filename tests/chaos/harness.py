@@ -1,6 +1,7 @@
 """Chaos harness: worker and producer processes, and what the tests read from Redis.
 
-Workers are real ``memstream run appender`` processes; producers run
+Workers are real ``memstream run appender`` processes (or any other ``memstream run``
+processor, ``all`` for the three in one process); producers run
 ``tests/chaos/producer.py``. Every process writes its stdout and stderr to a log file;
 ``Fleet.close`` terminates everything it started (continuing paused processes first) and
 ``Fleet.dump_logs`` prints the logs when a test fails.
@@ -148,11 +149,17 @@ class Fleet:
 
     # Workers.
 
-    def start_worker(self) -> Proc:
+    def start_worker(self, processors: str = "appender") -> Proc:
+        """Start ``memstream run <processors>`` (appender, accountant, summarizer, all)."""
         name = f"worker{len(self.workers)}"
-        proc = Proc(name, [MEMSTREAM, "run", "appender"], self.env, self._log(name))
+        proc = Proc(name, [MEMSTREAM, "run", processors], self.env, self._log(name))
         self.workers.append(proc.start())
         return proc
+
+    def add_resources(self, *folders: Path) -> None:
+        """Processes started from now on load these resource folders (or files) too."""
+        paths = [str(f) for f in folders]
+        self.env["MEMSTREAM_RESOURCES"] = ":".join([*paths, self.env["MEMSTREAM_RESOURCES"]])
 
     def live_workers(self) -> list[Proc]:
         return [w for w in self.workers if w.alive]
@@ -160,10 +167,10 @@ class Fleet:
     def worker_by_pid(self, pid: int) -> Proc | None:
         return next((w for w in self.workers if w.popen is not None and w.pid == pid), None)
 
-    def restart(self, worker: Proc) -> Proc:
+    def restart(self, worker: Proc, processors: str = "appender") -> Proc:
         """kill -9 ``worker`` (if still running) and start a new worker in its place."""
         worker.kill()
-        return self.start_worker()
+        return self.start_worker(processors)
 
     # Producers.
 
@@ -251,19 +258,22 @@ def lease_fence(value: str) -> int:
     return int(value.split(":", 1)[0])
 
 
-async def leases(client: RedisClient, keys: Keys) -> dict[int, str | None]:
-    """Each partition's appender lease value (None when nobody holds it)."""
-    return {p: await client.get(keys.lease(p, APPENDER)) for p in range(PARTITIONS)}
+async def leases(client: RedisClient, keys: Keys, group: str = APPENDER) -> dict[int, str | None]:
+    """Each partition's lease value of ``group`` (None when nobody holds it)."""
+    return {p: await client.get(keys.lease(p, group)) for p in range(PARTITIONS)}
 
 
-async def owned_by(client: RedisClient, keys: Keys, pid: int) -> set[int]:
-    return {p for p, v in (await leases(client, keys)).items() if v and lease_pid(v) == pid}
+async def owned_by(client: RedisClient, keys: Keys, pid: int, group: str = APPENDER) -> set[int]:
+    held = await leases(client, keys, group)
+    return {p for p, v in held.items() if v and lease_pid(v) == pid}
 
 
-async def all_leased_by(client: RedisClient, keys: Keys, pids: Iterable[int]) -> bool:
-    """Every partition is leased, each by one of ``pids``."""
+async def all_leased_by(
+    client: RedisClient, keys: Keys, pids: Iterable[int], group: str = APPENDER
+) -> bool:
+    """Every partition is leased (in ``group``), each by one of ``pids``."""
     wanted = set(pids)
-    held = await leases(client, keys)
+    held = await leases(client, keys, group)
     return all(v is not None and lease_pid(v) in wanted for v in held.values())
 
 
@@ -306,17 +316,29 @@ def _idcmp(a: str, b: str) -> int:
     return (ax > bx) - (ax < bx)
 
 
-async def unsettled(client: RedisClient, keys: Keys) -> dict[int, str]:
-    """Partitions whose ingest stream still has pending or undelivered entries."""
+def stream_of(keys: Keys, group: str, p: int) -> str:
+    """The stream ``group`` consumes: ingest (appender), changes (accountant) or flush
+    (summarizer)."""
+    streams = {
+        Group.APPENDER.value: keys.ingest,
+        Group.ACCOUNTANT.value: keys.changes,
+        Group.SUMMARIZER.value: keys.flush,
+    }
+    return streams[group](p)
+
+
+async def unsettled(client: RedisClient, keys: Keys, group_name: str = APPENDER) -> dict[int, str]:
+    """Partitions whose stream (of ``group_name``, the ingest stream by default) still has
+    pending or undelivered entries."""
     left: dict[int, str] = {}
     for p in range(PARTITIONS):
-        stream = keys.ingest(p)
+        stream = stream_of(keys, group_name, p)
         if not await client.exists(stream):
             continue
         groups = {g["name"]: g for g in await client.xinfo_groups(stream)}
-        group = groups.get(APPENDER)
+        group = groups.get(group_name)
         if group is None:
-            left[p] = "no appender group"
+            left[p] = f"no {group_name} group"
             continue
         last = await client.xrevrange(stream, count=1)
         tail = last[0][0] if last else "0-0"
