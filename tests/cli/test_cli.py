@@ -395,7 +395,7 @@ def test_read_json_parses_with_the_messages_in_order(
 def test_read_refuses_last_and_after_together(service: Cli, conversation: Conversation) -> None:
     result = service("read", conversation.ref, "--last", "1", "--after", "1")
     assert result.code == 2
-    assert "pass --last or --after, not both" in result.err
+    assert "pass one of --last, --after and --budget" in result.err
 
 
 def test_read_of_a_memory_never_written_says_so(service: Cli) -> None:
