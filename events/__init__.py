@@ -39,6 +39,7 @@ from events.errors import (
     ReadOnlyError,
     RedisUnavailableError,
 )
+from events.limits import RequestLimits
 from events.publisher import Published, Publisher, Receipt
 from events.schema import event_schema
 from memory import MemoryRef, Message, partition_for, sanitize_key
@@ -76,6 +77,7 @@ __all__ = [
     "Receipt",
     "RedisUnavailableError",
     "ReplacePayload",
+    "RequestLimits",
     "TerminatedPayload",
     "WorkflowPayload",
     "WorkflowStarted",

@@ -35,6 +35,7 @@ from events.errors import (
     ReadOnlyError,
     RedisUnavailableError,
 )
+from events.limits import RequestLimits
 from memory import (
     FlushStrategy,
     MemoryRef,
@@ -99,6 +100,7 @@ class Publisher:
         default_partitions: int = 16,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         registry: ResourceRegistry | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
         """With ``registry`` (the memory resources and agents), messages are redacted by
         their resource's privacy policy before they are written, non-persistable ones
@@ -110,7 +112,8 @@ class Publisher:
         self._keys = keys or Keys()
         self._scripts = scripts or Scripts(client)
         self._default_partitions = default_partitions
-        self._max_event_bytes = max_event_bytes
+        self._limits = limits or RequestLimits(max_event_bytes=max_event_bytes)
+        self._max_event_bytes = self._limits.max_event_bytes
         self._partitions: int | None = None
         self._ready: set[int] = set()
         self.reader = MemoryReader(client, self._scripts, self._keys)
@@ -145,6 +148,16 @@ class Publisher:
         """
         if not events:
             return []
+        limits = self._limits
+        if len(events) > limits.max_messages:
+            raise PublishError(
+                f"a batch of {len(events)} events, over the limit of {limits.max_messages} "
+                f"per call (MEMSTREAM_MAX_MESSAGES); publish it in parts"
+            )
+        for event in events:
+            problem = limits.message_problem(_messages_of(event))
+            if problem:
+                raise PublishError(f"event {event.event_id}: {problem}")
         kept = [self._apply_policy(event) for event in events]
         n = await self.partitions()
         now = int(time.time() * 1000)
@@ -166,6 +179,12 @@ class Publisher:
                     f"max_event_bytes on producers and workers"
                 )
             routed.append((partition_for(stamped.ref.memory_id, n), stamped, text))
+        total = sum(len(text.encode("utf-8")) for _, _, text in routed)
+        if total > limits.max_request_bytes:
+            raise PublishError(
+                f"the batch is {total} bytes, over the {limits.max_request_bytes}-byte limit "
+                f"of one call (MEMSTREAM_MAX_REQUEST_BYTES); publish it in parts"
+            )
         for p in sorted({p for p, _, _ in routed} - self._ready):
             await self._guard(ensure_groups(self._scripts, self._keys, p))
             self._ready.add(p)
@@ -427,6 +446,14 @@ class Publisher:
         )
         event = FlushRequested(tenant=ref.tenant, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
+
+
+def _messages_of(event: MemoryEvent) -> list[Message]:
+    if isinstance(event, MessageAppended):
+        return [event.payload.message]
+    if isinstance(event, MemoryReplaced):
+        return list(event.payload.messages)
+    return []
 
 
 def _name(ref: MemoryRef) -> MemoryName:

@@ -163,7 +163,7 @@ class App:
             self.keys,
             registry,
             await self.partitions(),
-            max_event_bytes=self.settings.max_event_bytes,
+            limits=self.settings.limits(),
         )
         return await self._worker(processor, worker_id)
 

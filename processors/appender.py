@@ -19,6 +19,7 @@ from events import (
     decode,
 )
 from events.codec import DEFAULT_MAX_EVENT_BYTES, Decoded, printable
+from events.limits import RequestLimits
 from memory import MemoryResource, Message, PrivacyPolicy, ResourceRegistry, partition_for
 from processors.port import Batch, EntryFailedError, Handled, HoldBack
 from store import ApplyBatch, Group, Keys, MemoryStore, StreamEntry, Target
@@ -52,12 +53,14 @@ class Appender:
         partitions: int,
         *,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        limits: RequestLimits | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self.registry = registry  # replaced as a whole on reload (SIGHUP)
         self._partitions = partitions
-        self._max_event_bytes = max_event_bytes
+        self._limits = limits or RequestLimits(max_event_bytes=max_event_bytes)
+        self._max_event_bytes = self._limits.max_event_bytes
 
     async def process(self, batch: Batch) -> Handled:
         ops = ApplyBatch(self._keys, batch.partition)
@@ -174,6 +177,16 @@ class Appender:
                 f"from ids, never from personal data",
             )
             return
+        if isinstance(event, MessageAppended | MemoryReplaced):
+            messages = (
+                [event.payload.message]
+                if isinstance(event, MessageAppended)
+                else event.payload.messages
+            )
+            problem = self._limits.message_problem(messages)
+            if problem:
+                refuse("too_large", problem, ref.memory_id)
+                return
         agent_id = event.payload.agent_id
         if self.registry.read_only(agent_id, ref.resource):
             refuse(

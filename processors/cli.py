@@ -159,7 +159,7 @@ async def publish(
             keys=app.keys,
             scripts=app.scripts,
             default_partitions=settings.partitions,
-            max_event_bytes=settings.max_event_bytes,
+            limits=settings.limits(),
             registry=app.registry_if_present(),
         )
         published = await publisher.append(

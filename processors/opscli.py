@@ -53,7 +53,7 @@ def _publisher(app: App) -> Publisher:
         keys=app.keys,
         scripts=app.scripts,
         default_partitions=s.partitions,
-        max_event_bytes=s.max_event_bytes,
+        limits=s.limits(),
         registry=app.registry_if_present(),
     )
 

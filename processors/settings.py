@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from events.limits import RequestLimits
 from memory import parse_duration
 from processors.partition import LoopConfig
 from processors.runtime import WorkerConfig
@@ -51,6 +52,15 @@ class Settings(BaseSettings):
     tombstone_ttl: float = Field(default=7 * 86400.0)
     outcome_ttl: float = Field(default=600.0)
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(
+        default=256 * 1024, ge=256, description="largest message (its JSON), in bytes"
+    )
+    max_messages: int = Field(
+        default=1000, ge=1, le=100_000, description="messages per replace; events per publish call"
+    )
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="largest publish call, in bytes"
+    )
     trim_interval: float = Field(default=5.0)
     exact_trim: bool = Field(
         default=True,
@@ -151,6 +161,14 @@ class Settings(BaseSettings):
 
     def resource_paths(self) -> list[Path]:
         return [Path(p) for p in self.resources.split(":") if p]
+
+    def limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_event_bytes=self.max_event_bytes,
+            max_message_bytes=self.max_message_bytes,
+            max_messages=self.max_messages,
+            max_request_bytes=self.max_request_bytes,
+        )
 
     def retention(self) -> Retention:
         return Retention(
