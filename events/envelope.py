@@ -100,6 +100,13 @@ class ReplacePayload(MemoryPayload):
     messages: list[Message]
 
 
+class ClearPayload(MemoryPayload):
+    backup: bool = Field(
+        default=False,
+        description="keep the cleared messages as a backup that `memstream restore` brings back",
+    )
+
+
 class FlushPayload(MemoryPayload):
     strategy: FlushStrategy | None = Field(
         default=None, description="override the resource's strategy"
@@ -161,7 +168,15 @@ class MessageAppended(_MemoryEvent):
 
 class MemoryCleared(_MemoryEvent):
     type: Literal[EventType.MEMORY_CLEARED] = EventType.MEMORY_CLEARED
-    payload: MemoryPayload
+    payload: ClearPayload
+
+    @field_validator("payload", mode="before")
+    @classmethod
+    def _plain_payload(cls, value: object) -> object:
+        # A plain MemoryPayload (as before the backup option) is a clear without one.
+        if type(value) is MemoryPayload:
+            return ClearPayload(**value.model_dump())
+        return value
 
 
 class MemoryDeleted(_MemoryEvent):

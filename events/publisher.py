@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from events.codec import DEFAULT_MAX_EVENT_BYTES, event_json
 from events.envelope import (
     AppendPayload,
+    ClearPayload,
     FlushPayload,
     FlushRequested,
     MemoryCleared,
@@ -412,10 +413,13 @@ class Publisher:
         ref: MemoryRef,
         *,
         agent_id: str | None = None,
+        backup: bool = False,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
-        payload = MemoryPayload(memory=_name(ref), agent_id=agent_id)
+        """Remove every message (a new generation); with ``backup``, the messages are
+        kept as a backup first (its id is in the outcome: ``Outcome.backup``)."""
+        payload = ClearPayload(memory=_name(ref), agent_id=agent_id, backup=backup)
         event = MemoryCleared(tenant=ref.tenant, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 

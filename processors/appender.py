@@ -233,7 +233,7 @@ class Appender:
             kept = [m for m in event.payload.messages if policy.persists(m)]
             ops.replace(target, [stored(m) for m in kept])
         elif isinstance(event, MemoryCleared):
-            ops.command("clear", target)
+            ops.command("clear", target, backup=event.payload.backup)
         elif isinstance(event, MemoryDeleted):
             ops.command("delete", target)
         else:

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from events import Publisher
 from events.envelope import AppendPayload, MemoryName, MessageAppended
-from memory import MemoryRef, Message
+from memory import MemoryRef, Message, StoredMessage
 from processors.app import App
 from processors.clitools import EXIT_REFUSED, command, settings_from
 from processors.tokenizers import Tokenizers
@@ -73,6 +73,7 @@ def _report(what: str, outcomes: Sequence[Outcome | None], as_json: bool) -> Non
                             "reason": o.reason,
                             "seq": o.seq,
                             "gen": o.gen,
+                            **({"backup": o.backup} if o.backup else {}),
                         }
                         for o in outcomes
                     ],
@@ -113,10 +114,34 @@ async def delete(memory: MemoryRef, timeout: float, as_json: bool) -> None:
     _report("delete", [published.outcome], as_json)
 
 
-async def clear(memory: MemoryRef, timeout: float, as_json: bool) -> None:
+async def clear(memory: MemoryRef, backup: bool, timeout: float, as_json: bool) -> None:
     async with App(settings_from()) as app:
-        published = await _publisher(app).clear(memory, wait=True, timeout=timeout)
-    _report("clear", [published.outcome], as_json)
+        published = await _publisher(app).clear(memory, backup=backup, wait=True, timeout=timeout)
+    outcome = published.outcome
+    _report("clear", [outcome], as_json)
+    if backup and not as_json:
+        if outcome is not None and outcome.backup:
+            click.echo(
+                f"backup {outcome.backup} (memstream restore {memory.memory_id} "
+                f"{outcome.backup} --stored-key)"
+            )
+        else:
+            click.echo("nothing to back up: the memory held no messages")
+
+
+async def restore(memory: MemoryRef, backup_id: str, timeout: float, as_json: bool) -> None:
+    """Replace the memory with a backup's messages (through its partition, in order)."""
+    async with App(settings_from()) as app:
+        p = await app.reader().partition_of(memory)
+        texts = await app.client.zrange(app.keys.backup(p, memory.memory_id, backup_id), 0, -1)
+        if not texts:
+            raise click.BadParameter(
+                f"no backup {backup_id} of {memory.memory_id} (backups are kept 7 days)",
+                param_hint="BACKUP_ID",
+            )
+        messages = [StoredMessage.model_validate_json(str(t)).to_message() for t in texts]
+        published = await _publisher(app).replace(memory, messages, wait=True, timeout=timeout)
+    _report("restore", [published.outcome], as_json)
 
 
 async def memory_stats(reader: MemoryReader, memory: MemoryRef, counter: Any) -> dict[str, Any]:
@@ -222,17 +247,32 @@ def register(
     @main.command("clear")
     @click.argument("ref")
     @click.option("--yes", is_flag=True, help="really remove every message")
+    @click.option("--backup", is_flag=True, help="keep the messages as a backup first")
     @timeout
     @as_json
     @stored_key
     @command
     async def clear_cmd(
-        ref: str, yes: bool, timeout: float, as_json_out: bool, stored_key: bool
+        ref: str, yes: bool, backup: bool, timeout: float, as_json_out: bool, stored_key: bool
     ) -> None:
-        """Remove every message of REF (a new generation); needs --yes."""
+        """Remove every message of REF (a new generation); needs --yes. With --backup,
+        `memstream restore` brings them back."""
         if not yes:
             raise click.UsageError(f"clear removes every message of {ref}: pass --yes")
-        await clear(ref_of(ref, stored_key), timeout, as_json_out)
+        await clear(ref_of(ref, stored_key), backup, timeout, as_json_out)
+
+    @main.command("restore")
+    @click.argument("ref")
+    @click.argument("backup_id")
+    @timeout
+    @as_json
+    @stored_key
+    @command
+    async def restore_cmd(
+        ref: str, backup_id: str, timeout: float, as_json_out: bool, stored_key: bool
+    ) -> None:
+        """Replace REF with the messages of a backup that `clear --backup` made."""
+        await restore(ref_of(ref, stored_key), backup_id, timeout, as_json_out)
 
     @main.command("stats")
     @click.argument("ref")

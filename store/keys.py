@@ -16,6 +16,7 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:attempts:{p}:<group>           hash: entry id -> counted attempts
     ms:held:{p}:<group>               string: why the partition is held back (JSON)
     ms:counters:{p}                   hash: seq, gen (never expire, never reused)
+    ms:backup:{p}:<memory id>:<id>    zset: a memory's messages when it was cleared, with a TTL
     ms:lock:{<name>}                  string: a DistributedLock, <fence>:<owner>:<random>
     ms:lockfence:{<name>}             counter: the lock's fence (expires 7d after last use)
     ms:out:{p}:<minute>               hash: entry id -> outcome (JSON), minute of the entry id
@@ -123,6 +124,10 @@ class Keys:
 
     def held(self, partition: int, group: str) -> str:
         return f"{self.namespace}:held:{{{partition}}}:{group}"
+
+    def backup(self, partition: int, memory_id: str, backup_id: str) -> str:
+        """A memory's messages as a clear left them (``clear --backup``)."""
+        return f"{self.namespace}:backup:{{{partition}}}:{memory_id}:{backup_id}"
 
     def lock(self, name: str) -> str:
         """A DistributedLock's key (the name is its hash tag: one slot per lock)."""

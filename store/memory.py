@@ -20,6 +20,7 @@ class Retention:
     idempotency_ms: int = 24 * 3600 * 1000
     tombstone_ms: int = 7 * 24 * 3600 * 1000
     outcome_ms: int = 10 * 60 * 1000
+    backup_ms: int = 7 * 24 * 3600 * 1000
 
     def __post_init__(self) -> None:
         if self.tombstone_ms < self.idempotency_ms:
@@ -52,6 +53,7 @@ class ApplyBatch:
         self.mems: list[dict[str, object]] = []
         self._mem_index: dict[str, int] = {}
         self.buckets: list[str] = []
+        self.backups: list[str] = []  # backup keys, in the order of the ops' 'bk'
         self.size = 0  # bytes of event and message text, to keep script calls bounded
 
     def __len__(self) -> int:
@@ -101,13 +103,27 @@ class ApplyBatch:
         self._memory_op("replace", target)["msgs"] = [_object_text(m) for m in messages]
         self.size += sum(len(m) for m in messages)
 
-    def command(self, kind: str, target: Target, fields: dict[str, str] | None = None) -> None:
-        """A clear, delete or flush request (``fields`` go into the flush request)."""
+    def command(
+        self,
+        kind: str,
+        target: Target,
+        fields: dict[str, str] | None = None,
+        *,
+        backup: bool = False,
+    ) -> None:
+        """A clear, delete or flush request (``fields`` go into the flush request); a
+        clear with ``backup`` keeps the messages under the clear's entry id first."""
         if kind not in ("clear", "delete", "flush"):
             raise ValueError(f"unknown memory command {kind!r}")
         op = self._memory_op(kind, target)
         if fields:
             op["fields"] = [x for kv in fields.items() for x in kv]
+        if backup and kind == "clear":
+            self.backups.append(
+                self._keys.backup(self.partition, target.memory_id, target.entry_id)
+            )
+            op["bk"] = len(self.backups)
+            op["bid"] = target.entry_id
 
     def dead_letter(
         self,
@@ -201,6 +217,7 @@ class MemoryStore:
                 keys.attempts(p, Group.APPENDER),
                 *batch.buckets,
                 *memory_keys,
+                *batch.backups,
             ],
             [
                 lease.value,
@@ -211,6 +228,7 @@ class MemoryStore:
                 self.retention.idempotency_ms,
                 self.retention.tombstone_ms,
                 self.retention.outcome_ms,
+                self.retention.backup_ms,
             ],
         )
         if reply[0] == "stale":

@@ -42,6 +42,7 @@ class Outcome:
     gen: int | None = None
     event_id: str | None = None
     dead_letter: str | None = None
+    backup: str | None = None  # a clear with a backup: the backup's id
 
     @property
     def ok(self) -> bool:
@@ -58,6 +59,7 @@ class Outcome:
             gen=data.get("gen"),
             event_id=data.get("event") or None,
             dead_letter=data.get("dead_letter"),
+            backup=data.get("backup"),
         )
 
 

@@ -80,6 +80,7 @@ _KEY_SPECS: dict[str, str] = {
         "1",
     ),
     **dict.fromkeys(["DEL", "EXISTS", "UNLINK"], "*"),
+    "COPY": "12",
     **dict.fromkeys(["XINFO", "XGROUP"], "2"),
     **dict.fromkeys(["XREADGROUP", "XREAD"], "S"),
     "TIME": "",
@@ -98,6 +99,7 @@ local function __check(cmd, ...)
   local keys = {}
   if spec == '1' then keys = {args[1]}
   elseif spec == '2' then keys = {args[2]}
+  elseif spec == '12' then keys = {args[1], args[2]}
   elseif spec == '*' then keys = args
   elseif spec == 'S' then
     for i = 1, #args do

@@ -13,6 +13,7 @@
 -- KEYS[7] attempts  hash: entry id -> counted attempts
 -- KEYS[8 .. 7+B]    outcome buckets
 -- then five keys per memory, in the order of ARGV[5]: log, meta, tomb, idem, tok
+-- then the backup keys of clears with a backup (op.bk is the 1-based index)
 --
 -- ARGV[1] value       the lease value the caller holds
 -- ARGV[2] group       the consumer group of ingest:{p}
@@ -28,6 +29,7 @@
 -- ARGV[6] idem_ms     how long an idempotency key is remembered
 -- ARGV[7] tomb_ms     how long a tombstone outlives its memory's data
 -- ARGV[8] outcome_ms  how long outcomes are kept
+-- ARGV[9] backup_ms   how long a clear's backup is kept
 --
 -- Returns {'stale'} (nothing changed) or {'ok', statuses}: one of applied, duplicate,
 -- skipped (settled before: at or below the watermark, or no longer pending), refused,
@@ -37,6 +39,7 @@ local flush, counters, attempts = KEYS[5], KEYS[6], KEYS[7]
 local value, group, nb = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ops, mems = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
 local idem_ms, tomb_ms, outcome_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local backup_ms = tonumber(ARGV[9])
 
 if rcall('GET', lease) ~= value then
   return {'stale'}
@@ -215,12 +218,19 @@ for i, op in ipairs(ops) do
         'first_seq', first, 'last_seq', last, 'entry', op.id)
       record(op, {status = 'applied', gen = s.gen})
     elseif op.k == 'clear' then
+      local backup = nil
+      if s.exists and op.bk and rcall('EXISTS', mkey(m, LOG)) == 1 then
+        local bkey = KEYS[mem_base + #mems * 5 + op.bk]
+        rcall('COPY', mkey(m, LOG), bkey, 'REPLACE')
+        rcall('PEXPIRE', bkey, backup_ms)
+        backup = op.bid
+      end
       if s.exists then
         new_generation(s, m)
         rcall('XADD', changes, '*', 'type', 'cleared', 'memory', mid, 'gen', s.gen,
           'entry', op.id)
       end
-      record(op, {status = 'applied', gen = s.gen})
+      record(op, {status = 'applied', gen = s.gen, backup = backup})
     elseif op.k == 'delete' then
       if s.exists then
         s.gen = rcall('HINCRBY', counters, 'gen', 1)

@@ -838,3 +838,22 @@ def test_read_within_a_token_budget(service: Cli, tmp_path: Path) -> None:
     assert tiny["over_budget"] and tiny["messages"] == []
     both = service("read", ref, "--budget", "10", "--last", "2")
     assert both.code == 2
+
+
+def test_clear_with_a_backup_and_restore(service: Cli, tmp_path: Path) -> None:
+    ref = f"acme/customer-support/{fresh_key()}"
+    messages = tmp_path / "m.json"
+    messages.write_text(
+        json.dumps([{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}])
+    )
+    assert service("write", ref, "--file", str(messages)).code == 0
+    cleared = service("clear", ref, "--yes", "--backup", "--json")
+    assert cleared.code == 0, cleared.err
+    backup = cleared.json()["outcomes"][0]["backup"]
+    assert service("read", ref, "--json").json()["count"] == 0
+    restored = service("restore", ref, backup)
+    assert restored.code == 0 and "restore: 1 applied" in restored.out, restored.err
+    contents = [m["content"] for m in service("read", ref, "--json").json()["messages"]]
+    assert contents == ["one", "two"]
+    missing = service("restore", ref, "1-0")
+    assert missing.code == 2 and "no backup 1-0" in missing.err
