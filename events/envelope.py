@@ -38,6 +38,7 @@ class EventType(enum.StrEnum):
     MEMORY_DELETED = "memory.deleted"
     MEMORY_REPLACED = "memory.replaced"
     FLUSH_REQUESTED = "flush.requested"
+    MESSAGE_ERASED = "message.erased"
     WORKFLOW_STARTED = "workflow.started"
     WORKFLOW_TERMINATED = "workflow.terminated"
 
@@ -105,6 +106,10 @@ class ClearPayload(MemoryPayload):
         default=False,
         description="keep the cleared messages as a backup that `memstream restore` brings back",
     )
+
+
+class ErasePayload(MemoryPayload):
+    seq: int = Field(ge=1, le=2**53 - 1, description="the sequence of the message to erase")
 
 
 class FlushPayload(MemoryPayload):
@@ -194,6 +199,13 @@ class FlushRequested(_MemoryEvent):
     payload: FlushPayload
 
 
+class MessageErased(_MemoryEvent):
+    """Erase one message for good; a summary that covers it goes too."""
+
+    type: Literal[EventType.MESSAGE_ERASED] = EventType.MESSAGE_ERASED
+    payload: ErasePayload
+
+
 class WorkflowStarted(_Envelope):
     type: Literal[EventType.WORKFLOW_STARTED] = EventType.WORKFLOW_STARTED
     payload: WorkflowPayload
@@ -204,7 +216,14 @@ class WorkflowTerminated(_Envelope):
     payload: TerminatedPayload
 
 
-MemoryEvent = MessageAppended | MemoryCleared | MemoryDeleted | MemoryReplaced | FlushRequested
+MemoryEvent = (
+    MessageAppended
+    | MemoryCleared
+    | MemoryDeleted
+    | MemoryReplaced
+    | FlushRequested
+    | MessageErased
+)
 LifecycleEvent = WorkflowStarted | WorkflowTerminated
 Event = Annotated[MemoryEvent | LifecycleEvent, Field(discriminator="type")]
 MEMORY_EVENT_TYPES: tuple[type[_MemoryEvent], ...] = (
@@ -213,6 +232,7 @@ MEMORY_EVENT_TYPES: tuple[type[_MemoryEvent], ...] = (
     MemoryDeleted,
     MemoryReplaced,
     FlushRequested,
+    MessageErased,
 )
 
 EVENT_ADAPTER: TypeAdapter[MemoryEvent | LifecycleEvent] = TypeAdapter(Event)

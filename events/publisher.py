@@ -18,6 +18,7 @@ from events.codec import DEFAULT_MAX_EVENT_BYTES, event_json
 from events.envelope import (
     AppendPayload,
     ClearPayload,
+    ErasePayload,
     FlushPayload,
     FlushRequested,
     MemoryCleared,
@@ -27,6 +28,7 @@ from events.envelope import (
     MemoryPayload,
     MemoryReplaced,
     MessageAppended,
+    MessageErased,
     ReplacePayload,
 )
 from events.errors import (
@@ -433,6 +435,21 @@ class Publisher:
     ) -> Published:
         payload = MemoryPayload(memory=_name(ref), agent_id=agent_id)
         event = MemoryDeleted(tenant=ref.tenant, payload=payload)
+        return await self.publish(event, wait=wait, timeout=timeout)
+
+    async def erase(
+        self,
+        ref: MemoryRef,
+        seq: int,
+        *,
+        agent_id: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        """Erase the message ``seq`` (and any summary that covers it), in order with the
+        memory's other events."""
+        payload = ErasePayload(memory=_name(ref), seq=seq, agent_id=agent_id)
+        event = MessageErased(tenant=ref.tenant, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
     async def request_flush(

@@ -15,6 +15,7 @@ from events import (
     MemoryEvent,
     MemoryReplaced,
     MessageAppended,
+    MessageErased,
     NewerSchemaError,
     decode,
 )
@@ -236,6 +237,8 @@ class Appender:
             ops.command("clear", target, backup=event.payload.backup)
         elif isinstance(event, MemoryDeleted):
             ops.command("delete", target)
+        elif isinstance(event, MessageErased):
+            ops.erase(target, event.payload.seq)
         else:
             fields = {"dry_run": "1" if event.payload.dry_run else "0"}
             if event.payload.strategy:
@@ -243,7 +246,14 @@ class Appender:
             ops.command("flush", target, fields)
 
 
-MEMORY_EVENTS = (MessageAppended, MemoryCleared, MemoryDeleted, MemoryReplaced, FlushRequested)
+MEMORY_EVENTS = (
+    MessageAppended,
+    MemoryCleared,
+    MemoryDeleted,
+    MemoryReplaced,
+    FlushRequested,
+    MessageErased,
+)
 
 
 def resource_of(raw: str) -> str | None:

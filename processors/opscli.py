@@ -21,7 +21,7 @@ from memory import MemoryRef, Message, StoredMessage
 from processors.app import App
 from processors.clitools import EXIT_REFUSED, command, settings_from
 from processors.tokenizers import Tokenizers
-from store import MemoryReader, Outcome
+from store import MemoryReader, Outcome, OutcomeStatus
 
 STATS_PAGE = 500
 _MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
@@ -119,29 +119,67 @@ async def clear(memory: MemoryRef, backup: bool, timeout: float, as_json: bool) 
         published = await _publisher(app).clear(memory, backup=backup, wait=True, timeout=timeout)
     outcome = published.outcome
     _report("clear", [outcome], as_json)
-    if backup and not as_json:
-        if outcome is not None and outcome.backup:
-            click.echo(
-                f"backup {outcome.backup} (memstream restore {memory.memory_id} "
-                f"{outcome.backup} --stored-key)"
-            )
-        else:
+    if backup and not as_json and outcome is not None:
+        if outcome.backup:
+            click.echo(f"backup {outcome.backup} (memstream restore REF {outcome.backup})")
+        elif outcome.status is OutcomeStatus.APPLIED:
             click.echo("nothing to back up: the memory held no messages")
+        else:
+            click.echo(f"no backup made by this request ({outcome.status.value})")
+
+
+def restored(stored: StoredMessage, protected: int) -> Message:
+    """A backed-up message as it is published again. A summary cannot travel as a
+    summary (an event carries no ``covers``): it comes back as a system message one
+    level below protected, so flushes may still remove it."""
+    message = stored.to_message()
+    if stored.is_summary:
+        metadata = {**message.metadata, "restored_summary_of": len(stored.covers or [])}
+        return message.model_copy(update={"priority": protected - 1, "metadata": metadata})
+    return message
 
 
 async def restore(memory: MemoryRef, backup_id: str, timeout: float, as_json: bool) -> None:
-    """Replace the memory with a backup's messages (through its partition, in order)."""
+    """Replace the memory with its backup's messages, through its partition: one replace
+    with the first messages and appends with the rest, within the request limits."""
     async with App(settings_from()) as app:
+        resource = app.registry().get_resource(memory.resource)
         p = await app.reader().partition_of(memory)
-        texts = await app.client.zrange(app.keys.backup(p, memory.memory_id, backup_id), 0, -1)
+        k = app.keys.memory(p, memory.memory_id)
+        found = await app.client.hget(k.tomb, "backup")
+        latest = str(found) if found else None
+        texts = await app.client.zrange(k.backup, 0, -1) if latest == backup_id else []
         if not texts:
+            hint = f"; its latest backup is {latest}" if latest and latest != backup_id else ""
             raise click.BadParameter(
-                f"no backup {backup_id} of {memory.memory_id} (backups are kept 7 days)",
+                f"no backup {backup_id} of {memory.memory_id} (a backup lasts 7 days at most, "
+                f"and a delete removes it){hint}",
                 param_hint="BACKUP_ID",
             )
-        messages = [StoredMessage.model_validate_json(str(t)).to_message() for t in texts]
-        published = await _publisher(app).replace(memory, messages, wait=True, timeout=timeout)
-    _report("restore", [published.outcome], as_json)
+        protected = resource.priority.protected
+        messages = [restored(StoredMessage.model_validate_json(str(t)), protected) for t in texts]
+        limits = app.settings.limits()
+        first, rest = messages[: limits.max_messages], messages[limits.max_messages :]
+        publisher = _publisher(app)
+        outcomes = [(await publisher.replace(memory, first, wait=True, timeout=timeout)).outcome]
+        name = MemoryName(resource=memory.resource, key=memory.key)
+        for i in range(0, len(rest), limits.max_messages):
+            events = [
+                MessageAppended(tenant=memory.tenant, payload=AppendPayload(memory=name, message=m))
+                for m in rest[i : i + limits.max_messages]
+            ]
+            published = await publisher.publish_many(events, wait=True, timeout=timeout)
+            outcomes += [p.outcome for p in published]
+    _report("restore", outcomes, as_json)
+
+
+async def erase(memory: MemoryRef, seq: int, timeout: float, as_json: bool) -> None:
+    async with App(settings_from()) as app:
+        published = await _publisher(app).erase(memory, seq, wait=True, timeout=timeout)
+    outcome = published.outcome
+    _report("erase", [outcome], as_json)
+    if outcome is not None and outcome.ok and not as_json:
+        click.echo(f"{memory.memory_id}: {outcome.detail}")
 
 
 async def memory_stats(reader: MemoryReader, memory: MemoryRef, counter: Any) -> dict[str, Any]:
@@ -273,6 +311,19 @@ def register(
     ) -> None:
         """Replace REF with the messages of a backup that `clear --backup` made."""
         await restore(ref_of(ref, stored_key), backup_id, timeout, as_json_out)
+
+    @main.command("erase")
+    @click.argument("ref")
+    @click.argument("seq", type=click.IntRange(min=1))
+    @timeout
+    @as_json
+    @stored_key
+    @command
+    async def erase_cmd(
+        ref: str, seq: int, timeout: float, as_json_out: bool, stored_key: bool
+    ) -> None:
+        """Erase the message SEQ of REF for good, and any summary that covers it."""
+        await erase(ref_of(ref, stored_key), seq, timeout, as_json_out)
 
     @main.command("stats")
     @click.argument("ref")

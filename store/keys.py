@@ -16,7 +16,6 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:attempts:{p}:<group>           hash: entry id -> counted attempts
     ms:held:{p}:<group>               string: why the partition is held back (JSON)
     ms:counters:{p}                   hash: seq, gen (never expire, never reused)
-    ms:backup:{p}:<memory id>:<id>    zset: a memory's messages when it was cleared, with a TTL
     ms:lock:{<name>}                  string: a DistributedLock, <fence>:<owner>:<random>
     ms:lockfence:{<name>}             counter: the lock's fence (expires 7d after last use)
     ms:out:{p}:<minute>               hash: entry id -> outcome (JSON), minute of the entry id
@@ -25,6 +24,8 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:m:{p}:<tenant>/<resource>/<key>:tomb  hash: watermark, generation, last reset
     ms:m:{p}:<tenant>/<resource>/<key>:idem  zset: idempotency key digest -> expiry (ms)
     ms:m:{p}:<tenant>/<resource>/<key>:tok   hash: seq -> token count (and gen)
+    ms:m:{p}:<tenant>/<resource>/<key>:backup zset: the messages its last clear --backup
+                                      removed (its id in tomb 'backup'), with a TTL
 """
 
 from __future__ import annotations
@@ -66,16 +67,17 @@ GROUP_TOPIC: dict[Group, Topic] = {
 
 @dataclass(frozen=True, slots=True)
 class MemoryKeys:
-    """The five keys of one memory."""
+    """The keys of one memory."""
 
     log: str
     meta: str
     tomb: str
     idem: str
     tok: str
+    backup: str
 
-    def all(self) -> tuple[str, str, str, str, str]:
-        return (self.log, self.meta, self.tomb, self.idem, self.tok)
+    def all(self) -> tuple[str, str, str, str, str, str]:
+        return (self.log, self.meta, self.tomb, self.idem, self.tok, self.backup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +127,6 @@ class Keys:
     def held(self, partition: int, group: str) -> str:
         return f"{self.namespace}:held:{{{partition}}}:{group}"
 
-    def backup(self, partition: int, memory_id: str, backup_id: str) -> str:
-        """A memory's messages as a clear left them (``clear --backup``)."""
-        return f"{self.namespace}:backup:{{{partition}}}:{memory_id}:{backup_id}"
-
     def lock(self, name: str) -> str:
         """A DistributedLock's key (the name is its hash tag: one slot per lock)."""
         return f"{self.namespace}:lock:{{{name}}}"
@@ -147,5 +145,10 @@ class Keys:
     def memory(self, partition: int, memory_id: str) -> MemoryKeys:
         base = f"{self.namespace}:m:{{{partition}}}:{memory_id}"
         return MemoryKeys(
-            f"{base}:log", f"{base}:meta", f"{base}:tomb", f"{base}:idem", f"{base}:tok"
+            f"{base}:log",
+            f"{base}:meta",
+            f"{base}:tomb",
+            f"{base}:idem",
+            f"{base}:tok",
+            f"{base}:backup",
         )

@@ -53,7 +53,6 @@ class ApplyBatch:
         self.mems: list[dict[str, object]] = []
         self._mem_index: dict[str, int] = {}
         self.buckets: list[str] = []
-        self.backups: list[str] = []  # backup keys, in the order of the ops' 'bk'
         self.size = 0  # bytes of event and message text, to keep script calls bounded
 
     def __len__(self) -> int:
@@ -119,11 +118,11 @@ class ApplyBatch:
         if fields:
             op["fields"] = [x for kv in fields.items() for x in kv]
         if backup and kind == "clear":
-            self.backups.append(
-                self._keys.backup(self.partition, target.memory_id, target.entry_id)
-            )
-            op["bk"] = len(self.backups)
-            op["bid"] = target.entry_id
+            op["backup"] = True
+
+    def erase(self, target: Target, seq: int) -> None:
+        """Erase message ``seq`` and every summary that covers it."""
+        self._memory_op("erase", target)["seq"] = seq
 
     def dead_letter(
         self,
@@ -217,7 +216,6 @@ class MemoryStore:
                 keys.attempts(p, Group.APPENDER),
                 *batch.buckets,
                 *memory_keys,
-                *batch.backups,
             ],
             [
                 lease.value,

@@ -12,8 +12,8 @@
 -- KEYS[6] counters  hash: seq, gen (never expire, never reused)
 -- KEYS[7] attempts  hash: entry id -> counted attempts
 -- KEYS[8 .. 7+B]    outcome buckets
--- then five keys per memory, in the order of ARGV[5]: log, meta, tomb, idem, tok
--- then the backup keys of clears with a backup (op.bk is the 1-based index)
+-- then six keys per memory, in the order of ARGV[5]: log, meta, tomb, idem, tok, backup
+-- (the messages of its last clear with a backup; erases and deletes reach it too)
 --
 -- ARGV[1] value       the lease value the caller holds
 -- ARGV[2] group       the consumer group of ingest:{p}
@@ -23,13 +23,14 @@
 --                      msgs? (message JSON texts), fields? (flush request fields),
 --                      reason?, detail?, letter? (dead letter fields),
 --                      lev? (the event text a dead letter of this op keeps)}
---                     k: append | clear | replace | delete | flush | dlq | drop | erased
+--                     k: append | clear | replace | delete | flush | erase | dlq | drop |
+--                     erased (erase: seq, the message to erase)
 --                     (drop: refused by policy, acknowledged with its outcome, no letter)
 -- ARGV[5] mems        JSON list of {id (memory id), ttl (data TTL, ms)}
 -- ARGV[6] idem_ms     how long an idempotency key is remembered
 -- ARGV[7] tomb_ms     how long a tombstone outlives its memory's data
 -- ARGV[8] outcome_ms  how long outcomes are kept
--- ARGV[9] backup_ms   how long a clear's backup is kept
+-- ARGV[9] backup_ms   how long a clear's backup is kept (never past the memory's TTL)
 --
 -- Returns {'stale'} (nothing changed) or {'ok', statuses}: one of applied, duplicate,
 -- skipped (settled before: at or below the watermark, or no longer pending), refused,
@@ -50,9 +51,9 @@ local now = now_ms()
 -- still remembered.
 local replay_ms = math.min(idem_ms, tomb_ms)
 local mem_base = 7 + nb
-local LOG, META, TOMB, IDEM, TOK = 1, 2, 3, 4, 5
+local LOG, META, TOMB, IDEM, TOK, BACKUP = 1, 2, 3, 4, 5, 6
 local function mkey(m, which)
-  return KEYS[mem_base + (m - 1) * 5 + which]
+  return KEYS[mem_base + (m - 1) * 6 + which]
 end
 
 -- Check pass: decide every entry from the stored state and the entries before it.
@@ -87,6 +88,9 @@ for i, op in ipairs(ops) do
     local s = load(op.m)
     if idcmp(op.id, s.wm) <= 0 then
       d = {'skipped'}
+    elseif op.k == 'erase' and (type(op.seq) ~= 'number' or op.seq < 1
+        or op.seq ~= math.floor(op.seq) or op.seq > 9007199254740991) then
+      d = {'refused', 'invalid', 'seq must be a whole number from 1 to 2^53-1'}
     elseif op.replay and not is_id(op.replay) then
       d = {'refused', 'invalid', 'replay_of must be a stream id, got ' .. tostring(op.replay)}
     elseif op.replay and tonumber(string.match(op.replay, '^(%d+)')) < now - replay_ms then
@@ -101,8 +105,8 @@ for i, op in ipairs(ops) do
     elseif op.idem and key_seen(s, op.m, op.idem) then
       d = {'duplicate'}
       s.wm = op.id
-    elseif op.k == 'flush' and not s.sim_exists then
-      d = {'ignored', 'no_such_memory', 'there is no memory ' .. mems[op.m].id .. ' to flush'}
+    elseif (op.k == 'flush' or op.k == 'erase') and not s.sim_exists then
+      d = {'ignored', 'no_such_memory', 'there is no memory ' .. mems[op.m].id .. ' to ' .. op.k}
     else
       d = {'apply'}
       s.wm = op.id
@@ -188,6 +192,65 @@ local function dead_letter(op, reason, detail)
   return rcall('XADD', dlq, '*', unpack(letter))
 end
 
+-- Remove a message and the summaries covering it from a backup (no counts there).
+local function erase_from_backup(m, seq)
+  local bkey = mkey(m, BACKUP)
+  if rcall('EXISTS', bkey) == 0 then return end
+  rcall('ZREMRANGEBYSCORE', bkey, seq, seq)
+  local found = rcall('ZRANGEBYSCORE', bkey, seq, '+inf', 'WITHSCORES')
+  for i = 1, #found, 2 do
+    local text = found[i]
+    if string.find(text, '"covers":', 1, true) then
+      local ok, msg = pcall(cjson.decode, text)
+      if ok and type(msg) == 'table' and type(msg.covers) == 'table' then
+        for _, c in ipairs(msg.covers) do
+          if tonumber(c) == tonumber(seq) then
+            rcall('ZREMRANGEBYSCORE', bkey, found[i + 1], found[i + 1])
+            break
+          end
+        end
+      end
+    end
+  end
+end
+
+-- Remove one message, subtracting its stored count; 1 if it was there.
+local function remove_message(m, seq)
+  if rcall('ZCOUNT', mkey(m, LOG), seq, seq) == 0 then return 0 end
+  local t = tonumber(rcall('HGET', mkey(m, TOK), seq))
+  if t then
+    if t > 0 then rcall('HINCRBY', mkey(m, META), 'tokens', 0 - t) end
+    rcall('HINCRBY', mkey(m, META), 'counted', -1)
+  end
+  rcall('HDEL', mkey(m, TOK), seq, 'a:' .. seq, 'f:' .. seq)
+  rcall('ZREMRANGEBYSCORE', mkey(m, LOG), seq, seq)
+  rcall('HINCRBY', mkey(m, META), 'count', -1)
+  return 1
+end
+
+-- Erase a message and every summary covering it (a summary sits at or after the
+-- newest message it covers).
+local function erase_message(m, seq)
+  local removed = remove_message(m, seq)
+  local found = rcall('ZRANGEBYSCORE', mkey(m, LOG), seq, '+inf', 'WITHSCORES')
+  for i = 1, #found, 2 do
+    local text = found[i]
+    if string.find(text, '"covers":', 1, true) then
+      local ok, msg = pcall(cjson.decode, text)
+      if ok and type(msg) == 'table' and type(msg.covers) == 'table' then
+        for _, c in ipairs(msg.covers) do
+          if tonumber(c) == tonumber(seq) then
+            removed = removed + remove_message(m, found[i + 1])
+            break
+          end
+        end
+      end
+    end
+  end
+  erase_from_backup(m, seq)
+  return removed
+end
+
 local statuses = {}
 local ids = {}
 for i, op in ipairs(ops) do
@@ -219,11 +282,11 @@ for i, op in ipairs(ops) do
       record(op, {status = 'applied', gen = s.gen})
     elseif op.k == 'clear' then
       local backup = nil
-      if s.exists and op.bk and rcall('EXISTS', mkey(m, LOG)) == 1 then
-        local bkey = KEYS[mem_base + #mems * 5 + op.bk]
-        rcall('COPY', mkey(m, LOG), bkey, 'REPLACE')
-        rcall('PEXPIRE', bkey, backup_ms)
-        backup = op.bid
+      if s.exists and op.backup and rcall('EXISTS', mkey(m, LOG)) == 1 then
+        rcall('COPY', mkey(m, LOG), mkey(m, BACKUP), 'REPLACE')
+        rcall('PEXPIRE', mkey(m, BACKUP), math.min(backup_ms, mems[m].ttl))
+        rcall('HSET', mkey(m, TOMB), 'backup', op.id)
+        backup = op.id
       end
       if s.exists then
         new_generation(s, m)
@@ -234,12 +297,17 @@ for i, op in ipairs(ops) do
     elseif op.k == 'delete' then
       if s.exists then
         s.gen = rcall('HINCRBY', counters, 'gen', 1)
-        rcall('DEL', mkey(m, LOG), mkey(m, META), mkey(m, TOK))
+        rcall('DEL', mkey(m, LOG), mkey(m, META), mkey(m, TOK), mkey(m, BACKUP))
+        rcall('HDEL', mkey(m, TOMB), 'backup')
         s.exists = false
         rcall('XADD', changes, '*', 'type', 'deleted', 'memory', mid, 'gen', s.gen,
           'entry', op.id)
       end
       record(op, {status = 'applied', gen = s.gen})
+    elseif op.k == 'erase' then
+      local removed = erase_message(m, op.seq)
+      record(op, {status = 'applied', gen = s.gen, seq = op.seq,
+                  detail = 'erased ' .. removed .. ' message(s)'})
     elseif op.k == 'flush' then
       local fields = {'memory', mid, 'gen', s.gen, 'request', op.ev, 'entry', op.id}
       for _, f in ipairs(op.fields or {}) do fields[#fields + 1] = f end

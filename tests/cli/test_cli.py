@@ -857,3 +857,16 @@ def test_clear_with_a_backup_and_restore(service: Cli, tmp_path: Path) -> None:
     assert contents == ["one", "two"]
     missing = service("restore", ref, "1-0")
     assert missing.code == 2 and "no backup 1-0" in missing.err
+
+
+def test_erase_one_message(service: Cli, tmp_path: Path) -> None:
+    ref = f"acme/customer-support/{fresh_key()}"
+    messages = tmp_path / "m.json"
+    messages.write_text(json.dumps([{"role": "user", "content": t} for t in ("a", "b", "c")]))
+    assert service("write", ref, "--file", str(messages)).code == 0
+    seqs = [m["seq"] for m in service("read", ref, "--json").json()["messages"]]
+    erased = service("erase", ref, str(seqs[1]))
+    assert erased.code == 0 and "erased 1 message(s)" in erased.out, erased.err
+    contents = [m["content"] for m in service("read", ref, "--json").json()["messages"]]
+    assert contents == ["a", "c"]
+    assert service("erase", ref, "0").code == 2

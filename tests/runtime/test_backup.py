@@ -22,11 +22,14 @@ async def test_a_backup_keeps_the_messages_a_clear_removed(rig: Rig) -> None:
     assert cleared.receipt is not None and outcome.backup == cleared.receipt.entry_id
     assert (await rig.reader.read(REF)).count == 0
     p = partition_for(REF.memory_id, PARTITIONS)
-    key = rig.keys.backup(p, REF.memory_id, str(outcome.backup))
+    k = rig.keys.memory(p, REF.memory_id)
+    key = k.backup
+    assert await rig.client.hget(k.tomb, "backup") == outcome.backup
     kept = [StoredMessage.model_validate_json(t) for t in await rig.client.zrange(key, 0, -1)]
     assert kept == before.messages
     ttl = int(await rig.client.pttl(key))
-    assert 0 < ttl <= 7 * 24 * 3600 * 1000
+    # Never longer than the memory's own data (customer-support: 24h).
+    assert 0 < ttl <= 24 * 3600 * 1000
     # Restore: a replace with the backup's messages, through the partition.
     restored = await rig.publisher.replace(REF, [m.to_message() for m in kept], wait=True)
     assert restored.outcome is not None and restored.outcome.ok
@@ -43,4 +46,23 @@ async def test_a_clear_without_backup_or_of_nothing_keeps_nothing(rig: Rig) -> N
     empty = await rig.publisher.clear(REF, backup=True, wait=True)
     assert empty.outcome is not None and empty.outcome.ok and empty.outcome.backup is None
     p = partition_for(REF.memory_id, PARTITIONS)
-    assert not [k async for k in rig.client.scan_iter(match=rig.keys.backup(p, "*", "*"))]
+    assert not await rig.client.exists(rig.keys.memory(p, REF.memory_id).backup)
+
+
+async def test_erase_and_delete_reach_the_backup(rig: Rig) -> None:
+    rig.start("appender")
+    seqs = []
+    for text in ("one", "secret", "three"):
+        published = await rig.publisher.append(REF, user(text), wait=True)
+        assert published.outcome is not None and published.outcome.seq is not None
+        seqs.append(published.outcome.seq)
+    await rig.publisher.clear(REF, backup=True, wait=True)
+    p = partition_for(REF.memory_id, PARTITIONS)
+    k = rig.keys.memory(p, REF.memory_id)
+    erased = await rig.publisher.erase(REF, seqs[1], wait=True)
+    assert erased.outcome is not None and erased.outcome.ok
+    kept = [StoredMessage.model_validate_json(t) for t in await rig.client.zrange(k.backup, 0, -1)]
+    assert [str(m.content) for m in kept] == ["one", "three"]
+    await rig.publisher.delete(REF, wait=True)
+    assert not await rig.client.exists(k.backup)
+    assert await rig.client.hget(k.tomb, "backup") is None

@@ -15,7 +15,9 @@ import pytest
 
 from events import (
     AppendPayload,
+    ClearPayload,
     DecodeError,
+    ErasePayload,
     FlushPayload,
     FlushRequested,
     LifecycleEvent,
@@ -26,6 +28,7 @@ from events import (
     MemoryPayload,
     MemoryReplaced,
     MessageAppended,
+    MessageErased,
     NewerSchemaError,
     ReplacePayload,
     TerminatedPayload,
@@ -78,7 +81,9 @@ def every_event() -> list[MemoryEvent | LifecycleEvent]:
             ),
         ),
         MemoryCleared(tenant="acme", payload=MemoryPayload(memory=NAME, workflow_id="wf-1")),
+        MemoryCleared(tenant="acme", payload=ClearPayload(memory=NAME, backup=True)),
         MemoryDeleted(tenant="acme", payload=MemoryPayload(memory=NAME)),
+        MessageErased(tenant="acme", payload=ErasePayload(memory=NAME, seq=7)),
         MemoryReplaced(
             tenant="acme",
             payload=ReplacePayload(
