@@ -192,25 +192,34 @@ local function dead_letter(op, reason, detail)
   return rcall('XADD', dlq, '*', unpack(letter))
 end
 
--- Remove a message and the summaries covering it from a backup (no counts there).
-local function erase_from_backup(m, seq)
-  local bkey = mkey(m, BACKUP)
-  if rcall('EXISTS', bkey) == 0 then return end
-  rcall('ZREMRANGEBYSCORE', bkey, seq, seq)
-  local found = rcall('ZRANGEBYSCORE', bkey, seq, '+inf', 'WITHSCORES')
+-- The scores of the summaries in zset `key` that cover message `seq` (a summary sits at
+-- or after the newest message it covers).
+local function summaries_covering(key, seq)
+  local scores = {}
+  local found = rcall('ZRANGEBYSCORE', key, seq, '+inf', 'WITHSCORES')
   for i = 1, #found, 2 do
-    local text = found[i]
-    if string.find(text, '"covers":', 1, true) then
-      local ok, msg = pcall(cjson.decode, text)
+    if string.find(found[i], '"covers":', 1, true) then
+      local ok, msg = pcall(cjson.decode, found[i])
       if ok and type(msg) == 'table' and type(msg.covers) == 'table' then
         for _, c in ipairs(msg.covers) do
           if tonumber(c) == tonumber(seq) then
-            rcall('ZREMRANGEBYSCORE', bkey, found[i + 1], found[i + 1])
+            scores[#scores + 1] = found[i + 1]
             break
           end
         end
       end
     end
+  end
+  return scores
+end
+
+-- Remove a message and the summaries covering it from a backup (no counts there).
+local function erase_from_backup(m, seq)
+  local bkey = mkey(m, BACKUP)
+  if rcall('EXISTS', bkey) == 0 then return end
+  rcall('ZREMRANGEBYSCORE', bkey, seq, seq)
+  for _, score in ipairs(summaries_covering(bkey, seq)) do
+    rcall('ZREMRANGEBYSCORE', bkey, score, score)
   end
 end
 
@@ -228,24 +237,11 @@ local function remove_message(m, seq)
   return 1
 end
 
--- Erase a message and every summary covering it (a summary sits at or after the
--- newest message it covers).
+-- Erase a message and every summary covering it, in the memory and in its backup.
 local function erase_message(m, seq)
   local removed = remove_message(m, seq)
-  local found = rcall('ZRANGEBYSCORE', mkey(m, LOG), seq, '+inf', 'WITHSCORES')
-  for i = 1, #found, 2 do
-    local text = found[i]
-    if string.find(text, '"covers":', 1, true) then
-      local ok, msg = pcall(cjson.decode, text)
-      if ok and type(msg) == 'table' and type(msg.covers) == 'table' then
-        for _, c in ipairs(msg.covers) do
-          if tonumber(c) == tonumber(seq) then
-            removed = removed + remove_message(m, found[i + 1])
-            break
-          end
-        end
-      end
-    end
+  for _, score in ipairs(summaries_covering(mkey(m, LOG), seq)) do
+    removed = removed + remove_message(m, score)
   end
   erase_from_backup(m, seq)
   return removed
