@@ -41,7 +41,7 @@ from harness import (
     source_version,
 )
 from pydantic import ValidationError
-from report import spread
+from report import emit, spread
 
 from events import AppendPayload, MemoryName, MessageAppended, Publisher
 from memory import (
@@ -986,12 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenRunError as e:
         log(f"broken run, no figures: {e}")
         return 2
-    if opts.save:
-        opts.save.write_text(json.dumps(report, indent=2) + "\n")
-    if opts.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render(report))
+    emit(report, render, save=opts.save, as_json=opts.json)
     return 0
 
 

@@ -37,7 +37,7 @@ from harness import (
     source_version,
 )
 from pydantic import ValidationError
-from report import Result, one_line, render, summarize
+from report import Result, emit, one_line, render, summarize
 from workload import (
     Item,
     chunks,
@@ -594,12 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BrokenRunError, WorkerError) as e:
         log(f"broken run, no figures: {e}")
         return 2
-    if opts.save:
-        opts.save.write_text(json.dumps(report, indent=2) + "\n")
-    if opts.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render(report))
+    emit(report, render, save=opts.save, as_json=opts.json)
     return 0
 
 

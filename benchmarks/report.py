@@ -3,8 +3,11 @@ and range, paired ratios memstream / baseline), and the text rendering."""
 
 from __future__ import annotations
 
+import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -198,3 +201,16 @@ def render(report: dict[str, Any]) -> str:
             )
     lines.append("checked: " + "; ".join(sorted({r["checked"] for r in report["runs"][-1]})))
     return "\n".join(lines)
+
+
+def emit(
+    report: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    *,
+    save: Path | None,
+    as_json: bool,
+) -> None:
+    """Write the report to ``save`` (JSON) if given, and print it as JSON or as text."""
+    if save:
+        save.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if as_json else render(report))
