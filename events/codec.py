@@ -22,9 +22,8 @@ from events.envelope import (
     EVENT_ADAPTER,
     OLDEST_SUPPORTED_VERSION,
     SCHEMA_VERSION,
+    AnyEvent,
     EventType,
-    LifecycleEvent,
-    MemoryEvent,
 )
 from events.errors import DecodeError, NewerSchemaError
 
@@ -47,7 +46,7 @@ def printable(text: str) -> str:
 class Decoded:
     """An event read from a stream entry, with the replay fields if any."""
 
-    event: MemoryEvent | LifecycleEvent
+    event: AnyEvent
     text: str
     replay_of: str | None = None
     replay_key: str | None = None
@@ -63,12 +62,12 @@ class Decoded:
         return hashlib.sha1(key.encode("utf-8")).hexdigest() if key else None
 
 
-def encode(event: MemoryEvent | LifecycleEvent) -> dict[str, str]:
+def encode(event: AnyEvent) -> dict[str, str]:
     """The stream fields of an event."""
     return {EVENT_FIELD: event_json(event)}
 
 
-def event_json(event: MemoryEvent | LifecycleEvent) -> str:
+def event_json(event: AnyEvent) -> str:
     return event.model_dump_json(exclude_none=True)
 
 
@@ -91,7 +90,14 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_UPGRADES = {1: _upgrade_v1}
+def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 only added event types and optional fields: a version 2 event is a
+    version 3 event as it is."""
+    data["schema_version"] = 3
+    return data
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}
 
 
 def decode(fields: dict[str, str] | None, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Decoded:

@@ -24,8 +24,10 @@ from memory.ref import (
     check_tenant,
 )
 
-#: The schema version this code writes.
-SCHEMA_VERSION = 2
+#: The schema version this code writes. Version 3 added workflow.ended (the cleanup
+#: processor's command), message.erased and memory.cleared's backup: a consumer of
+#: version 2 holds them back (rule 9) instead of refusing them.
+SCHEMA_VERSION = 3
 #: The oldest schema version this code still reads (upgraded on decode).
 OLDEST_SUPPORTED_VERSION = 1
 
@@ -41,6 +43,7 @@ class EventType(enum.StrEnum):
     MESSAGE_ERASED = "message.erased"
     WORKFLOW_STARTED = "workflow.started"
     WORKFLOW_TERMINATED = "workflow.terminated"
+    WORKFLOW_ENDED = "workflow.ended"
 
 
 class WorkflowStatus(enum.StrEnum):
@@ -127,6 +130,10 @@ class TerminatedPayload(WorkflowPayload):
     status: WorkflowStatus
 
 
+class EndedPayload(TerminatedPayload):
+    partition: int = Field(ge=0, description="the partition whose ingest stream it is in")
+
+
 def _require_type_and_version(schema: dict[str, Any]) -> None:
     """The decoder needs both, so every producer must write them."""
     schema["required"] = [*schema.get("required", []), "schema_version", "type"]
@@ -137,7 +144,7 @@ class _Envelope(_Model):
         extra="forbid", frozen=True, json_schema_extra=_require_type_and_version
     )
 
-    schema_version: Literal[2] = 2
+    schema_version: Literal[3] = 3
     event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=MAX_ID_LENGTH)
     tenant: str = Field(json_schema_extra={"pattern": TENANT_PATTERN})
     idempotency_key: str | None = Field(
@@ -224,8 +231,19 @@ MemoryEvent = (
     | FlushRequested
     | MessageErased
 )
+
+
+class WorkflowEnded(_Envelope):
+    """The cleanup processor's command to one partition (in its ``ingest:{p}``, so it is
+    ordered with appends): apply the end of a workflow to the memories it wrote there."""
+
+    type: Literal[EventType.WORKFLOW_ENDED] = EventType.WORKFLOW_ENDED
+    payload: EndedPayload
+
+
 LifecycleEvent = WorkflowStarted | WorkflowTerminated
-Event = Annotated[MemoryEvent | LifecycleEvent, Field(discriminator="type")]
+AnyEvent = MemoryEvent | LifecycleEvent | WorkflowEnded
+Event = Annotated[AnyEvent, Field(discriminator="type")]
 MEMORY_EVENT_TYPES: tuple[type[_MemoryEvent], ...] = (
     MessageAppended,
     MemoryCleared,
@@ -235,7 +253,7 @@ MEMORY_EVENT_TYPES: tuple[type[_MemoryEvent], ...] = (
     MessageErased,
 )
 
-EVENT_ADAPTER: TypeAdapter[MemoryEvent | LifecycleEvent] = TypeAdapter(Event)
+EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 
 
 def memory_payload(

@@ -16,8 +16,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.codec import DEFAULT_MAX_EVENT_BYTES, event_json
 from events.envelope import (
+    AnyEvent,
     AppendPayload,
     ClearPayload,
+    EndedPayload,
     ErasePayload,
     FlushPayload,
     FlushRequested,
@@ -30,6 +32,12 @@ from events.envelope import (
     MessageAppended,
     MessageErased,
     ReplacePayload,
+    TerminatedPayload,
+    WorkflowEnded,
+    WorkflowPayload,
+    WorkflowStarted,
+    WorkflowStatus,
+    WorkflowTerminated,
 )
 from events.errors import (
     PartiallyPublishedError,
@@ -49,12 +57,14 @@ from memory import (
 )
 from store import (
     TRANSIENT_ERRORS,
+    Group,
     Keys,
     MemoryReader,
     Outcome,
     OutcomeStatus,
     RedisClient,
     Scripts,
+    WaitTimeoutError,
     ensure_groups,
     ensure_partitions,
 )
@@ -119,6 +129,7 @@ class Publisher:
         self._max_event_bytes = self._limits.max_event_bytes
         self._partitions: int | None = None
         self._ready: set[int] = set()
+        self._lifecycle_ready = False
         self.reader = MemoryReader(client, self._scripts, self._keys)
 
     async def partitions(self) -> int:
@@ -246,9 +257,12 @@ class Publisher:
             return event.model_copy(update={"payload": replaced})
         return event
 
-    async def _send(self, routed: list[tuple[int, MemoryEvent, str]]) -> list[str]:
+    async def _send(
+        self, routed: Sequence[tuple[int, AnyEvent, str]], *, lifecycle: bool = False
+    ) -> list[str]:
         """Publish the events, one script per partition (each all or none, in order), all
-        in one pipeline; the entry ids, in the order of ``routed``."""
+        in one pipeline; the entry ids, in the order of ``routed`` (``lifecycle``: to the
+        lifecycle stream, partition 0)."""
         by_partition: dict[int, list[int]] = {}
         for i, (p, _, _) in enumerate(routed):
             by_partition.setdefault(p, []).append(i)
@@ -256,7 +270,7 @@ class Publisher:
         failed: list[tuple[int, str]] = []
         todo = list(by_partition)
         for _ in range(2):  # a second round only for scripts Redis lost (NOSCRIPT)
-            replies = await self._pipeline(routed, by_partition, todo)
+            replies = await self._pipeline(routed, by_partition, todo, lifecycle)
             lost = []
             for p, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, NoScriptError):
@@ -298,14 +312,19 @@ class Publisher:
 
     async def _pipeline(
         self,
-        routed: list[tuple[int, MemoryEvent, str]],
+        routed: Sequence[tuple[int, AnyEvent, str]],
         by_partition: dict[int, list[int]],
         partitions: list[int],
+        lifecycle: bool,
     ) -> list[Any]:
         keys = [str(routed[i][1].idempotency_key) for p in partitions for i in by_partition[p]]
         unknown = UNKNOWN_OUTCOME
         calls = [
-            ([self._keys.ingest(p)], [routed[i][2] for i in by_partition[p]]) for p in partitions
+            (
+                [self._keys.lifecycle if lifecycle else self._keys.ingest(p)],
+                [routed[i][2] for i in by_partition[p]],
+            )
+            for p in partitions
         ]
         try:
             if isinstance(self._client, RedisCluster):
@@ -339,6 +358,126 @@ class Publisher:
             raise PublishOutcomeUnknownError(
                 f"Redis failed ({e}): {unknown}", idempotency_keys=keys
             ) from e
+
+    async def workflow_started(
+        self,
+        tenant: str,
+        workflow_id: str,
+        *,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        """Publish that a workflow started, to the lifecycle stream (it never undoes an
+        end: a workflow that ended stays ended)."""
+        event = WorkflowStarted(
+            tenant=tenant,
+            idempotency_key=idempotency_key,
+            payload=WorkflowPayload(workflow_id=workflow_id),
+        )
+        return await self._lifecycle(event, wait, timeout)
+
+    async def workflow_terminated(
+        self,
+        tenant: str,
+        workflow_id: str,
+        status: WorkflowStatus | str = WorkflowStatus.COMPLETED,
+        *,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        """Publish that a workflow terminated: the cleanup processor ends it in every
+        partition (its later writes are refused; each memory it wrote runs its resource's
+        ``cleanup.on_workflow_end`` policy once no live workflow writes it). With
+        ``wait``, return once every partition applied the end (or the cleanup processor
+        refused the event: the outcome says why)."""
+        event = WorkflowTerminated(
+            tenant=tenant,
+            idempotency_key=idempotency_key,
+            payload=TerminatedPayload(workflow_id=workflow_id, status=WorkflowStatus(status)),
+        )
+        started = time.monotonic()
+        published = await self._lifecycle(event, wait, timeout)
+        if published.outcome is not None and published.outcome.ok:
+            left = max(0.0, timeout - (time.monotonic() - started))
+            await self.wait_ended(tenant, workflow_id, left)
+        return published
+
+    async def wait_ended(self, tenant: str, workflow_id: str, timeout: float = 10.0) -> None:
+        """Wait until every partition has applied the end of the workflow; raises
+        WaitTimeoutError naming the partitions that have not."""
+        n = await self.partitions()
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            pipe = self._client.pipeline(transaction=False)
+            for p in range(n):
+                pipe.zscore(self._keys.ended(p, tenant), workflow_id)
+            missing = [p for p, score in enumerate(await pipe.execute()) if score is None]
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise WaitTimeoutError(
+                    f"workflow {workflow_id} has not ended in partition(s) "
+                    f"{', '.join(map(str, missing))} within {timeout:g}s; its end stays "
+                    f"queued and may still be applied (see memstream status)",
+                    partition=missing[0],
+                    entry_id="",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _lifecycle(
+        self, event: WorkflowStarted | WorkflowTerminated, wait: bool, timeout: float
+    ) -> Published:
+        stamped = event.model_copy(
+            update={
+                "idempotency_key": event.idempotency_key or event.event_id,
+                "published_at_ms": int(time.time() * 1000),
+            }
+        )
+        if not self._lifecycle_ready:
+            await self._guard(
+                self._scripts("create_groups", [self._keys.lifecycle], [Group.CLEANUP.value])
+            )
+            self._lifecycle_ready = True
+        (entry_id,) = await self._send([(0, stamped, event_json(stamped))], lifecycle=True)
+        receipt = Receipt(0, entry_id, stamped.event_id, str(stamped.idempotency_key))
+        if not wait:
+            return Published(receipt)
+        (outcome,) = await self.reader.wait_applied_many(
+            [(0, entry_id, stamped.event_id)], timeout, group=Group.CLEANUP
+        )
+        return Published(receipt, outcome)
+
+    async def end_workflow(self, terminated: WorkflowTerminated) -> list[Receipt]:
+        """Send a terminated workflow's end into every partition's ingest stream (the
+        cleanup processor's step; idempotent, so sending it again is harmless)."""
+        n = await self.partitions()
+        now = int(time.time() * 1000)
+        routed: list[tuple[int, AnyEvent, str]] = []
+        for p in range(n):
+            ended = WorkflowEnded(
+                tenant=terminated.tenant,
+                idempotency_key=f"wf-end:{terminated.payload.workflow_id}"[:200],
+                partitions=n,
+                published_at_ms=now,
+                payload=EndedPayload(
+                    workflow_id=terminated.payload.workflow_id,
+                    status=terminated.payload.status,
+                    partition=p,
+                ),
+            )
+            routed.append((p, ended, event_json(ended)))
+        for p in sorted(set(range(n)) - self._ready):
+            await self._guard(ensure_groups(self._scripts, self._keys, p))
+            self._ready.add(p)
+        ids = await self._send(routed)
+        return [
+            Receipt(p, entry_id, e.event_id, str(e.idempotency_key))
+            for (p, e, _), entry_id in zip(routed, ids, strict=True)
+        ]
 
     async def append_to(
         self,
@@ -402,11 +541,14 @@ class Publisher:
         messages: Sequence[Message],
         *,
         agent_id: str | None = None,
+        workflow_id: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
         """Replace the whole memory with ``messages`` (a new generation)."""
-        payload = ReplacePayload(memory=_name(ref), agent_id=agent_id, messages=list(messages))
+        payload = ReplacePayload(
+            memory=_name(ref), agent_id=agent_id, workflow_id=workflow_id, messages=list(messages)
+        )
         event = MemoryReplaced(tenant=ref.tenant, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
@@ -415,13 +557,16 @@ class Publisher:
         ref: MemoryRef,
         *,
         agent_id: str | None = None,
+        workflow_id: str | None = None,
         backup: bool = False,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
         """Remove every message (a new generation); with ``backup``, the messages are
         kept as a backup first (its id is in the outcome: ``Outcome.backup``)."""
-        payload = ClearPayload(memory=_name(ref), agent_id=agent_id, backup=backup)
+        payload = ClearPayload(
+            memory=_name(ref), agent_id=agent_id, workflow_id=workflow_id, backup=backup
+        )
         event = MemoryCleared(tenant=ref.tenant, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
@@ -430,10 +575,11 @@ class Publisher:
         ref: MemoryRef,
         *,
         agent_id: str | None = None,
+        workflow_id: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
-        payload = MemoryPayload(memory=_name(ref), agent_id=agent_id)
+        payload = MemoryPayload(memory=_name(ref), agent_id=agent_id, workflow_id=workflow_id)
         event = MemoryDeleted(tenant=ref.tenant, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
@@ -443,12 +589,15 @@ class Publisher:
         seq: int,
         *,
         agent_id: str | None = None,
+        workflow_id: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
         """Erase the message ``seq`` (and any summary that covers it), in order with the
         memory's other events."""
-        payload = ErasePayload(memory=_name(ref), seq=seq, agent_id=agent_id)
+        payload = ErasePayload(
+            memory=_name(ref), seq=seq, agent_id=agent_id, workflow_id=workflow_id
+        )
         event = MessageErased(tenant=ref.tenant, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
@@ -459,11 +608,16 @@ class Publisher:
         strategy: FlushStrategy | None = None,
         dry_run: bool = False,
         agent_id: str | None = None,
+        workflow_id: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
         payload = FlushPayload(
-            memory=_name(ref), strategy=strategy, dry_run=dry_run, agent_id=agent_id
+            memory=_name(ref),
+            strategy=strategy,
+            dry_run=dry_run,
+            agent_id=agent_id,
+            workflow_id=workflow_id,
         )
         event = FlushRequested(tenant=ref.tenant, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)

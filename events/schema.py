@@ -19,7 +19,9 @@ def event_schema() -> dict[str, Any]:
     schema["title"] = f"memstream event, schema version {SCHEMA_VERSION}"
     schema["description"] = (
         "One stream entry field, 'event', holds this JSON. Memory events go to "
-        "ingest:{p} of their memory's partition, lifecycle events to lifecycle."
+        "ingest:{p} of their memory's partition, lifecycle events (workflow.started, "
+        "workflow.terminated) to lifecycle:{0}; workflow.ended is the cleanup "
+        "processor's command into each ingest:{p}."
     )
     return schema
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
+from events import Publisher
 from memory import ResourceRegistry
 from processors.accountant import Accountant
 from processors.appender import Appender
+from processors.cleanup import Cleanup
 from processors.port import Processor
 from processors.runtime import Worker
 from processors.settings import Settings
@@ -20,9 +22,11 @@ from store import (
     ConnectionSetupError,
     EmbeddedRedis,
     Flushes,
+    Group,
     Keys,
     MemoryReader,
     MemoryStore,
+    PartitionStreams,
     RedisClient,
     Scripts,
     connect,
@@ -166,6 +170,23 @@ class App:
             limits=self.settings.limits(),
         )
         return await self._worker(processor, worker_id)
+
+    async def cleanup(self, worker_id: str | None = None) -> Worker:
+        """The lifecycle stream's worker: one partition, so one leaseholder at a time."""
+        s = self.settings
+        publisher = Publisher(
+            self.client, keys=self.keys, scripts=self.scripts, default_partitions=s.partitions
+        )
+        processor = Cleanup(
+            publisher,
+            PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP),
+            outcome_ttl_ms=int(s.outcome_ttl * 1000),
+            max_event_bytes=s.max_event_bytes,
+        )
+        await self.partitions()
+        return Worker(
+            self.client, self.scripts, self.keys, processor, 1, s.worker_config(), worker_id
+        )
 
     async def _worker(self, processor: Processor, worker_id: str | None) -> Worker:
         return Worker(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 
 from events import (
     DecodeError,
@@ -17,18 +18,32 @@ from events import (
     MessageAppended,
     MessageErased,
     NewerSchemaError,
+    WorkflowEnded,
     decode,
 )
 from events.codec import DEFAULT_MAX_EVENT_BYTES, Decoded, printable
 from events.limits import RequestLimits
 from memory import MemoryResource, Message, PrivacyPolicy, ResourceRegistry, partition_for
 from processors.port import Batch, EntryFailedError, Handled, HoldBack
-from store import ApplyBatch, Group, Keys, MemoryStore, StreamEntry, Target
+from store import (
+    ApplyBatch,
+    Ending,
+    Group,
+    Keys,
+    Lookups,
+    MemoryStore,
+    StreamEntry,
+    Target,
+)
 
 log = logging.getLogger(__name__)
 
 #: Text per script call; the entries past it wait for the next batch (they stay pending).
 MAX_BATCH_BYTES = 8 * 1024 * 1024
+#: Memories of one workflow one script call ends; the rest wait for the next call.
+MAX_ENDED_MEMORIES = 500
+#: Text that marks an entry as one needing a lookup before the batch (see ``_lookups``).
+_LOOKUP_TYPES = ('"workflow.ended"', '"memory.deleted"')
 
 
 def message_text(message: Message, *, workflow_id: str | None, agent_id: str | None) -> str:
@@ -68,17 +83,23 @@ class Appender:
         held: HoldBack | None = None
         failed: EntryFailedError | None = None
         partial = False
+        found = await self._lookups(batch)
         for entry in batch.entries:
             if ops.size >= MAX_BATCH_BYTES:
                 partial = True
                 break
             try:
-                self._prepare(ops, entry, batch.partition)
+                self._prepare(ops, entry, batch.partition, found)
             except NewerSchemaError as e:
                 held = HoldBack(entry.id, str(e))
                 break
             except Exception as e:
                 failed = EntryFailedError(entry.id, e)
+                break
+            if ops.ops and ops.ops[-1]["k"] == "ended":
+                # A workflow's end is the last op of its call: the entries after it are
+                # decided against what it did (and it may continue in the next call).
+                partial = True
                 break
         if len(ops):
             await self._store.apply(batch.lease, ops)
@@ -86,7 +107,28 @@ class Appender:
             raise failed
         return Handled(held, partial=partial)
 
-    def _prepare(self, ops: ApplyBatch, entry: StreamEntry, partition: int) -> None:
+    async def _lookups(self, batch: Batch) -> Lookups:
+        """Read what workflow ends and deletes in the batch need (see ``Lookups``); only
+        entries whose text names those types are decoded here."""
+        workflows: list[tuple[str, str]] = []
+        deleted: list[str] = []
+        for entry in batch.entries:
+            text = (entry.fields or {}).get("event", "")
+            if not any(t in text for t in _LOOKUP_TYPES):
+                continue
+            try:
+                event = decode(entry.fields, max_bytes=self._max_event_bytes).event
+            except Exception:
+                continue  # decoded again, and refused or held, in its turn
+            if isinstance(event, WorkflowEnded):
+                workflows.append((event.tenant, event.payload.workflow_id))
+            elif isinstance(event, MemoryDeleted):
+                deleted.append(event.ref.memory_id)
+        return await self._store.lookups(
+            batch.partition, sorted(set(workflows)), sorted(set(deleted)), MAX_ENDED_MEMORIES
+        )
+
+    def _prepare(self, ops: ApplyBatch, entry: StreamEntry, partition: int, found: Lookups) -> None:
         source = self._keys.ingest(partition)
         fields = entry.fields or {}
         try:
@@ -106,7 +148,7 @@ class Appender:
                 replay_key=replay.get("replay_key"),
             )
             return
-        self._prepare_event(ops, entry.id, decoded, partition, source)
+        self._prepare_event(ops, entry.id, decoded, partition, source, found)
 
     def _policy_of(self, raw: str) -> PrivacyPolicy | None:
         resource_id = resource_of(raw)
@@ -130,7 +172,13 @@ class Appender:
         return policy.redact_event(raw), policy.redact_text(detail)
 
     def _prepare_event(
-        self, ops: ApplyBatch, entry_id: str, decoded: Decoded, partition: int, source: str
+        self,
+        ops: ApplyBatch,
+        entry_id: str,
+        decoded: Decoded,
+        partition: int,
+        source: str,
+        found: Lookups,
     ) -> None:
         event = decoded.event
         resource: MemoryResource | None = None
@@ -148,6 +196,16 @@ class Appender:
                 replay_key=decoded.idempotency_key,
             )
 
+        if isinstance(event, WorkflowEnded):
+            if event.payload.partition != partition:
+                refuse(
+                    "misrouted",
+                    f"the end of workflow {event.payload.workflow_id} is addressed to "
+                    f"partition {event.payload.partition}, not {partition}",
+                )
+                return
+            self._end(ops, entry_id, event, found)
+            return
         if not isinstance(event, MEMORY_EVENTS):
             refuse("wrong_stream", f"{event.type} events belong on the lifecycle stream")
             return
@@ -207,11 +265,44 @@ class Appender:
             letter_event=self._redacted_letter(decoded.text, resource)
             if decoded.replay_of
             else None,
+            workflow=event.payload.workflow_id,
+            on_workflow_end=resource.cleanup.on_workflow_end.value,
+            grace_ms=int(resource.cleanup.grace * 1000),
         )
-        self._add(ops, target, event, policy)
+        writers = found.writers.get(ref.memory_id, ())
+        self._add(ops, target, event, policy, writers)
+
+    def _target(self, memory_id: str) -> Target:
+        """A memory named by an index, with its resource's TTL and policy. A memory of a
+        resource no longer loaded loses the workflow as a writer but keeps its data (no
+        policy is known for it): it lives by its TTL."""
+        resource = self.registry.find(memory_id.split("/", 2)[1])
+        if resource is None:
+            return Target(entry_id="", memory_id=memory_id, ttl_ms=1, event_id="")
+        return Target(
+            entry_id="",
+            memory_id=memory_id,
+            ttl_ms=resource.ttl_ms,
+            event_id="",
+            on_workflow_end=resource.cleanup.on_workflow_end.value,
+            grace_ms=int(resource.cleanup.grace * 1000),
+        )
+
+    def _end(self, ops: ApplyBatch, entry_id: str, event: WorkflowEnded, found: Lookups) -> None:
+        workflow = event.payload.workflow_id
+        stored = found.workflow_memories.get((event.tenant, workflow), [])
+        more = len(stored) > MAX_ENDED_MEMORIES
+        names = set(stored[:MAX_ENDED_MEMORIES]) | ops.written_by(event.tenant, workflow)
+        targets = [self._target(name) for name in sorted(names)]
+        ops.ended(Ending(entry_id, event.event_id, event.tenant, workflow, targets, more))
 
     def _add(
-        self, ops: ApplyBatch, target: Target, event: MemoryEvent, policy: PrivacyPolicy
+        self,
+        ops: ApplyBatch,
+        target: Target,
+        event: MemoryEvent,
+        policy: PrivacyPolicy,
+        writers: Sequence[str],
     ) -> None:
         workflow_id, agent_id = event.payload.workflow_id, event.payload.agent_id
 
@@ -236,7 +327,7 @@ class Appender:
         elif isinstance(event, MemoryCleared):
             ops.command("clear", target, backup=event.payload.backup)
         elif isinstance(event, MemoryDeleted):
-            ops.command("delete", target)
+            ops.command("delete", target, writers=writers)
         elif isinstance(event, MessageErased):
             ops.erase(target, event.payload.seq)
         else:

@@ -18,7 +18,7 @@ from events import Publisher
 from events.schema import event_schema_text
 from memory import AgentResource, DomainError, MemoryRef, MemoryResource, Message, Role
 from processors import dlq as dead_letters
-from processors import flushcli, opscli
+from processors import erasecli, flushcli, lifecli, opscli
 from processors.accountant import Accountant
 from processors.app import App
 from processors.appender import Appender
@@ -29,9 +29,9 @@ from processors.runtime import Worker
 from processors.status import as_json, group_status, render
 from processors.summarizer import Summarizer
 from processors.tokenizers import Tokenizers
-from store import Group
+from store import GenerationChangedError, Group
 
-PROCESSORS = ("appender", "accountant", "summarizer", "all")
+PROCESSORS = ("appender", "accountant", "summarizer", "cleanup", "all")
 log = logging.getLogger(__name__)
 
 
@@ -83,14 +83,16 @@ async def run(
         workers = []
         if processor in ("appender", "all"):
             workers.append(await app.appender(registry))
-        tokenizers = Tokenizers() if processor != "appender" else None
+        tokenizers = Tokenizers() if processor in ("accountant", "summarizer", "all") else None
         if processor in ("accountant", "all") and tokenizers:
             workers.append(await app.accountant(registry, tokenizers))
         if processor in ("summarizer", "all") and tokenizers:
             workers.append(await app.summarizer(registry, tokenizers))
+        if processor in ("cleanup", "all"):
+            workers.append(await app.cleanup())
         loop.add_signal_handler(signal.SIGHUP, reload_resources, workers)
         click.echo(
-            f"memstream {processor}: {len(registry)} resource(s), {workers[0].partitions} "
+            f"memstream {processor}: {len(registry)} resource(s), {await app.partitions()} "
             f"partitions, Redis at {app.describe()}; Ctrl-C stops",
             err=True,
         )
@@ -217,6 +219,11 @@ def vars_of(obj: object) -> dict[str, Any]:
     help="page size with --after",
 )
 @click.option(
+    "--generation",
+    type=click.IntRange(min=0),
+    help="with --after: fail (exit 3) if the memory is no longer at this generation",
+)
+@click.option(
     "--budget",
     type=click.IntRange(min=1),
     help="what fits a context of N tokens: protected messages first, then the newest",
@@ -229,6 +236,7 @@ async def read(
     last: int | None,
     after: int | None,
     limit: int,
+    generation: int | None,
     budget: int | None,
     as_json_out: bool,
     stored_key: bool,
@@ -248,7 +256,13 @@ async def read(
             view = dataclasses.replace(window.view, messages=window.messages)
             fit = {"tokens": window.tokens, "budget": budget, "over_budget": window.over_budget}
         else:
-            view = await reader.read(memory, last=last, after=after, limit=limit)
+            try:
+                view = await reader.read(
+                    memory, last=last, after=after, limit=limit, generation=generation
+                )
+            except GenerationChangedError as e:
+                click.echo(f"error: {e}", err=True)
+                sys.exit(EXIT_REFUSED)
     if as_json_out:
         click.echo(
             json.dumps(
@@ -321,12 +335,14 @@ async def status(as_json_out: bool) -> None:
         result = await group_status(app.client, app.scripts, app.keys, Group.APPENDER, ttl)
         counting = await group_status(app.client, app.scripts, app.keys, Group.ACCOUNTANT, ttl)
         flushing = await group_status(app.client, app.scripts, app.keys, Group.SUMMARIZER, ttl)
+        ending = await group_status(app.client, app.scripts, app.keys, Group.CLEANUP, ttl)
         if as_json_out:
             data = {
                 "redis": app.describe(),
                 **as_json(result),
                 "accountant": as_json(counting),
                 "summarizer": as_json(flushing),
+                "cleanup": as_json(ending),
             }
             click.echo(json.dumps(data))
             return
@@ -337,6 +353,7 @@ async def status(as_json_out: bool) -> None:
         click.echo(render(result))
         click.echo(render(counting))
         click.echo(render(flushing))
+        click.echo(render(ending))
 
 
 @main.command()
@@ -354,6 +371,8 @@ def schema(what: str) -> None:
 main.add_command(dead_letters.dlq)
 flushcli.register(main, _ref, STORED_KEY)
 opscli.register(main, _ref, STORED_KEY)
+lifecli.register(main)
+erasecli.register(main)
 main.add_command(resources)
 
 __all__ = ["main"]

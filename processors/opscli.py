@@ -21,9 +21,10 @@ from memory import MemoryRef, Message, StoredMessage
 from processors.app import App
 from processors.clitools import EXIT_REFUSED, command, settings_from
 from processors.tokenizers import Tokenizers
-from store import MemoryReader, Outcome, OutcomeStatus
+from store import GenerationChangedError, MemoryReader, Outcome, OutcomeStatus
 
 STATS_PAGE = 500
+STATS_RETRIES = 3
 _MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
 
 
@@ -184,13 +185,23 @@ async def erase(memory: MemoryRef, seq: int, timeout: float, as_json: bool) -> N
 
 async def memory_stats(reader: MemoryReader, memory: MemoryRef, counter: Any) -> dict[str, Any]:
     """Counts, tokens and the role distribution, read page by page (never the whole
-    memory at once)."""
+    memory at once), all of one generation (started over if the memory is cleared or
+    replaced meanwhile)."""
+    for _ in range(STATS_RETRIES):
+        try:
+            return await _stats_once(reader, memory, counter)
+        except GenerationChangedError:
+            continue
+    return await _stats_once(reader, memory, counter)
+
+
+async def _stats_once(reader: MemoryReader, memory: MemoryRef, counter: Any) -> dict[str, Any]:
     first = await reader.read(memory, last=1)
     roles: Counter[str] = Counter()
     role_tokens: Counter[str] = Counter()
     after, pages, uncounted = 0, 0, 0
     while first.exists:
-        page = await reader.read(memory, after=after, limit=STATS_PAGE)
+        page = await reader.read(memory, after=after, limit=STATS_PAGE, generation=first.generation)
         pages += 1
         for m, c in zip(page.messages, page.token_counts, strict=True):
             role = "summary" if m.is_summary else m.role.value

@@ -9,6 +9,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from store import TOPIC_GROUPS, Group, Keys, LeaseHolder, RedisClient, Scripts, get_partitions
+from store.keys import SINGLE_PARTITION_TOPICS
 
 LAG_CAP = 10_000
 
@@ -58,6 +59,8 @@ async def group_status(
         for m in await scripts("heartbeat", [keys.members(group.value)], ["", member_ttl_ms, "0"])
     ]
     topic = next(t for t, gs in TOPIC_GROUPS.items() if group in gs)
+    if topic in SINGLE_PARTITION_TOPICS:
+        partitions = 1
     rows = []
     for p in range(partitions):
         stream = keys.topic(topic, p)

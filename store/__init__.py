@@ -5,8 +5,10 @@ from store.config import ensure_partitions, get_partitions
 from store.connection import TRANSIENT_ERRORS, RedisClient, connect, describe, is_cluster_url
 from store.deadletters import DeadLetter, DeadLetters
 from store.embedded import EmbeddedRedis, RedisServerProcess, find_embedded, find_server_binary
+from store.erasure import TenantErasure, erase_tenant, tenant_remnants
 from store.errors import (
     ConnectionSetupError,
+    GenerationChangedError,
     LeaseLostError,
     NotConfiguredError,
     OutcomeMismatchError,
@@ -15,9 +17,10 @@ from store.errors import (
     WaitTimeoutError,
 )
 from store.flushing import BudgetLimits, Change, FlushEnd, Flushes, Snapshot
+from store.inventory import Listed, list_memories
 from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, MemoryKeys, Topic
 from store.lease import Lease, LeaseHolder, Leases
-from store.memory import ApplyBatch, MemoryStore, Retention, Target
+from store.memory import ApplyBatch, Ending, Lookups, MemoryStore, Retention, Target
 from store.reader import ContextWindow, MemoryReader, MemoryView, Outcome, OutcomeStatus
 from store.scripts import Scripts
 from store.streams import Claim, Delivery, PartitionStreams, Settle, StreamEntry, ensure_groups
@@ -37,14 +40,18 @@ __all__ = [
     "DeadLetters",
     "Delivery",
     "EmbeddedRedis",
+    "Ending",
     "FlushEnd",
     "Flushes",
+    "GenerationChangedError",
     "Group",
     "Keys",
     "Lease",
     "LeaseHolder",
     "LeaseLostError",
     "Leases",
+    "Listed",
+    "Lookups",
     "MemoryCounts",
     "MemoryKeys",
     "MemoryReader",
@@ -65,14 +72,18 @@ __all__ = [
     "StoreError",
     "StreamEntry",
     "Target",
+    "TenantErasure",
     "Topic",
     "WaitTimeoutError",
     "connect",
     "describe",
     "ensure_groups",
     "ensure_partitions",
+    "erase_tenant",
     "find_embedded",
     "find_server_binary",
     "get_partitions",
     "is_cluster_url",
+    "list_memories",
+    "tenant_remnants",
 ]

@@ -52,11 +52,20 @@ class DeadLetters:
         return DeadLetter(partition, str(entries[0][0]), _strings(entries[0][1]))
 
     async def replay(self, partition: int, letter_id: str) -> str | None:
-        """Re-publish a dead letter's event to its ingest stream and remove the letter;
+        """Re-publish a dead letter's event to its stream (the partition's ingest
+        stream, or the lifecycle stream for a lifecycle event) and remove the letter;
         returns the new entry id, or None when there is no such dead letter."""
+        letter = await self.get(partition, letter_id)
+        if letter is None:
+            return None
+        lifecycle = self._keys.lifecycle
+        from_lifecycle = partition == 0 and letter.fields.get("source") == lifecycle
         reply = await self._scripts(
             "replay_dead_letter",
-            [self._keys.dlq(partition), self._keys.ingest(partition)],
+            [
+                self._keys.dlq(partition),
+                lifecycle if from_lifecycle else self._keys.ingest(partition),
+            ],
             [letter_id, f"dlq:{partition}:{letter_id}"],
         )
         return str(reply[1]) if reply[0] == "ok" else None

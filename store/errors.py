@@ -27,6 +27,19 @@ class ScriptKeyError(StoreError):
     """A Lua script touched a key it did not declare (raised in strict-key mode)."""
 
 
+class GenerationChangedError(StoreError):
+    """A page of a paginated read belongs to another generation than the first page
+    (the memory was cleared, replaced or deleted in between): start over."""
+
+    def __init__(self, memory_id: str, expected: int, found: int) -> None:
+        super().__init__(
+            f"{memory_id} is at generation {found}, not {expected}: it was cleared, "
+            f"replaced or deleted since the first page; read it again from the start"
+        )
+        self.expected = expected
+        self.found = found
+
+
 class NotConfiguredError(StoreError):
     """Redis holds no memstream configuration yet (no partition count)."""
 

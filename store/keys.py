@@ -19,6 +19,12 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:lock:{<name>}                  string: a DistributedLock, <fence>:<owner>:<random>
     ms:lockfence:{<name>}             counter: the lock's fence (expires 7d after last use)
     ms:out:{p}:<minute>               hash: entry id -> outcome (JSON), minute of the entry id
+    ms:out:{p}:<group>:<minute>       the same for the entries of other groups' streams
+    ms:lifecycle:{0}                  stream: workflow lifecycle events (one partition)
+    ms:tenant:{p}:<tenant>            zset: memory id -> data deadline (ms): ``memstream ls``
+    ms:resource:{p}:<tenant>/<resource>     zset: the same, for one resource
+    ms:wf:{p}:<tenant>/<workflow>     zset: memory id -> first write, for a live workflow
+    ms:ended:{p}:<tenant>             zset: ended workflow id -> remembered until (ms)
     ms:m:{p}:<tenant>/<resource>/<key>:log   zset: seq -> message (JSON)
     ms:m:{p}:<tenant>/<resource>/<key>:meta  hash: generation, counts, times
     ms:m:{p}:<tenant>/<resource>/<key>:tomb  hash: watermark, generation, last reset
@@ -42,6 +48,11 @@ class Topic(StrEnum):
     INGEST = "ingest"
     CHANGES = "changes"
     FLUSH = "flush"
+    LIFECYCLE = "lifecycle"
+
+
+#: Topics of one partition only (partition 0): the lifecycle stream.
+SINGLE_PARTITION_TOPICS = frozenset({Topic.LIFECYCLE})
 
 
 class Group(StrEnum):
@@ -50,6 +61,7 @@ class Group(StrEnum):
     APPENDER = "appender"
     ACCOUNTANT = "accountant"
     SUMMARIZER = "summarizer"
+    CLEANUP = "cleanup"
 
 
 #: The groups each topic must have before it may be trimmed (DESIGN rule 8).
@@ -57,6 +69,7 @@ TOPIC_GROUPS: dict[Topic, tuple[Group, ...]] = {
     Topic.INGEST: (Group.APPENDER,),
     Topic.CHANGES: (Group.ACCOUNTANT,),
     Topic.FLUSH: (Group.SUMMARIZER,),
+    Topic.LIFECYCLE: (Group.CLEANUP,),
 }
 
 #: The topic each group consumes.
@@ -109,6 +122,11 @@ class Keys:
     def flush(self, partition: int) -> str:
         return self.topic(Topic.FLUSH, partition)
 
+    @property
+    def lifecycle(self) -> str:
+        """The lifecycle stream: one partition (0), consumed by one cleanup leaseholder."""
+        return self.topic(Topic.LIFECYCLE, 0)
+
     def dlq(self, partition: int) -> str:
         return f"{self.namespace}:dlq:{{{partition}}}"
 
@@ -137,10 +155,29 @@ class Keys:
     def counters(self, partition: int) -> str:
         return f"{self.namespace}:counters:{{{partition}}}"
 
-    def outcomes(self, partition: int, entry_id: str) -> str:
-        """The outcome bucket of an entry: one hash per minute of entry ids."""
+    def outcomes(self, partition: int, entry_id: str, group: str = "appender") -> str:
+        """The outcome bucket of an entry: one hash per minute of entry ids, per group
+        (entry ids are unique only within one stream)."""
         minute = int(entry_id.split("-", 1)[0]) // OUTCOME_BUCKET_MS
-        return f"{self.namespace}:out:{{{partition}}}:{minute}"
+        if group == "appender":
+            return f"{self.namespace}:out:{{{partition}}}:{minute}"
+        return f"{self.namespace}:out:{{{partition}}}:{group}:{minute}"
+
+    def tenant_index(self, partition: int, tenant: str) -> str:
+        """zset: the tenant's memories in the partition -> their data deadline (ms)."""
+        return f"{self.namespace}:tenant:{{{partition}}}:{tenant}"
+
+    def resource_index(self, partition: int, tenant: str, resource: str) -> str:
+        """zset: the memories of one resource of a tenant -> their data deadline (ms)."""
+        return f"{self.namespace}:resource:{{{partition}}}:{tenant}/{resource}"
+
+    def workflow_index(self, partition: int, tenant: str, workflow: str) -> str:
+        """zset: the memories a live workflow wrote in the partition -> first write (ms)."""
+        return f"{self.namespace}:wf:{{{partition}}}:{tenant}/{workflow}"
+
+    def ended(self, partition: int, tenant: str) -> str:
+        """zset: the tenant's workflows that ended -> until when that is remembered (ms)."""
+        return f"{self.namespace}:ended:{{{partition}}}:{tenant}"
 
     def memory(self, partition: int, memory_id: str) -> MemoryKeys:
         base = f"{self.namespace}:m:{{{partition}}}:{memory_id}"

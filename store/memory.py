@@ -41,6 +41,21 @@ class Target:
     idempotency_key: str | None = None
     replay_of: str | None = None
     letter_event: str | None = None  # what a dead letter of this op keeps as its event
+    workflow: str | None = None  # the workflow writing it (appends and replaces)
+    on_workflow_end: str = "keep"  # the policy when its last workflow ends
+    grace_ms: int = 0  # expire: how long it stays after
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """A workflow's end, to apply to the memories it wrote in one partition."""
+
+    entry_id: str
+    event_id: str
+    tenant: str
+    workflow: str
+    memories: Sequence[Target]  # the memories its index names (ttl and policy of each)
+    more: bool = False  # more memories than one call takes: the entry stays pending
 
 
 class ApplyBatch:
@@ -53,6 +68,10 @@ class ApplyBatch:
         self.mems: list[dict[str, object]] = []
         self._mem_index: dict[str, int] = {}
         self.buckets: list[str] = []
+        self.indexes: list[str] = []  # index keys, referred to by number
+        self._index_of: dict[str, int] = {}
+        # Per (tenant, workflow): the memories written earlier in this batch.
+        self.written: dict[tuple[str, str], set[str]] = {}
         self.size = 0  # bytes of event and message text, to keep script calls bounded
 
     def __len__(self) -> int:
@@ -68,21 +87,48 @@ class ApplyBatch:
             self.buckets.append(bucket)
         return self.buckets.index(bucket) + 1
 
-    def _memory(self, memory_id: str, ttl_ms: int) -> int:
-        index = self._mem_index.get(memory_id)
+    def _index(self, key: str) -> int:
+        number = self._index_of.get(key)
+        if number is None:
+            self.indexes.append(key)
+            number = self._index_of[key] = len(self.indexes)
+        return number
+
+    def _memory(self, target: Target) -> int:
+        index = self._mem_index.get(target.memory_id)
         if index is None:
-            self.mems.append({"id": memory_id, "ttl": ttl_ms})
-            index = self._mem_index[memory_id] = len(self.mems)
+            tenant, resource, _ = target.memory_id.split("/", 2)
+            p = self.partition
+            self.mems.append(
+                {
+                    "id": target.memory_id,
+                    "ttl": target.ttl_ms,
+                    "t": self._index(self._keys.tenant_index(p, tenant)),
+                    "r": self._index(self._keys.resource_index(p, tenant, resource)),
+                    "e": self._index(self._keys.ended(p, tenant)),
+                    "pol": target.on_workflow_end,
+                    "grace": target.grace_ms,
+                }
+            )
+            index = self._mem_index[target.memory_id] = len(self.mems)
         return index
+
+    def _workflow_index(self, tenant: str, workflow: str) -> int:
+        return self._index(self._keys.workflow_index(self.partition, tenant, workflow))
 
     def _memory_op(self, kind: str, target: Target) -> dict[str, object]:
         op: dict[str, object] = {
             "id": target.entry_id,
             "o": self._bucket(target.entry_id),
             "k": kind,
-            "m": self._memory(target.memory_id, target.ttl_ms),
+            "m": self._memory(target),
             "ev": target.event_id,
         }
+        if target.workflow and kind in ("append", "replace"):
+            tenant = target.memory_id.split("/", 1)[0]
+            op["wf"] = target.workflow
+            op["w"] = self._workflow_index(tenant, target.workflow)
+            self.written.setdefault((tenant, target.workflow), set()).add(target.memory_id)
         if target.idempotency_key:
             op["idem"] = target.idempotency_key
         if target.replay_of:
@@ -109,9 +155,11 @@ class ApplyBatch:
         fields: dict[str, str] | None = None,
         *,
         backup: bool = False,
+        writers: Sequence[str] = (),
     ) -> None:
         """A clear, delete or flush request (``fields`` go into the flush request); a
-        clear with ``backup`` keeps the messages under the clear's entry id first."""
+        clear with ``backup`` keeps the messages under the clear's entry id first; a
+        delete takes the memory out of the index of each of its ``writers`` (workflows)."""
         if kind not in ("clear", "delete", "flush"):
             raise ValueError(f"unknown memory command {kind!r}")
         op = self._memory_op(kind, target)
@@ -119,6 +167,35 @@ class ApplyBatch:
             op["fields"] = [x for kv in fields.items() for x in kv]
         if backup and kind == "clear":
             op["backup"] = True
+        if kind == "delete":
+            tenant = target.memory_id.split("/", 1)[0]
+            every = set(writers) | {
+                w for (t, w), ids in self.written.items() if t == tenant and target.memory_id in ids
+            }
+            if every:
+                op["ws"] = {w: self._workflow_index(tenant, w) for w in sorted(every)}
+
+    def ended(self, ending: Ending) -> None:
+        """A workflow ended: the memories it wrote lose it as a writer; the policy of
+        each runs when it has no writer left. Idempotent."""
+        p = self.partition
+        self.ops.append(
+            {
+                "id": ending.entry_id,
+                "o": self._bucket(ending.entry_id),
+                "k": "ended",
+                "ev": ending.event_id,
+                "wf": ending.workflow,
+                "w": self._workflow_index(ending.tenant, ending.workflow),
+                "e": self._index(self._keys.ended(p, ending.tenant)),
+                "ms": [self._memory(t) for t in ending.memories],
+                "more": ending.more,
+            }
+        )
+
+    def written_by(self, tenant: str, workflow: str) -> set[str]:
+        """The memories the workflow wrote earlier in this batch."""
+        return set(self.written.get((tenant, workflow), ()))
 
     def erase(self, target: Target, seq: int) -> None:
         """Erase message ``seq`` and every summary that covers it."""
@@ -185,6 +262,16 @@ def _object_text(message: str) -> str:
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class Lookups:
+    """What the appender reads before a batch with workflow ends or deletes: the
+    memories each ending workflow's index names (up to a limit) and each deleted
+    memory's writers, so the script can declare every key it touches."""
+
+    workflow_memories: dict[tuple[str, str], list[str]]
+    writers: dict[str, list[str]]
+
+
 class MemoryStore:
     """Applies appender batches to the materialized memory."""
 
@@ -193,10 +280,35 @@ class MemoryStore:
         self._keys = keys
         self.retention = retention or Retention()
 
+    async def lookups(
+        self,
+        partition: int,
+        workflows: Sequence[tuple[str, str]],
+        deleted: Sequence[str],
+        limit: int,
+    ) -> Lookups:
+        """The first ``limit + 1`` memories of each (tenant, workflow)'s index, and the
+        workflows writing each memory of ``deleted``, in one round trip."""
+        if not workflows and not deleted:
+            return Lookups({}, {})
+        pipe = self._scripts.client.pipeline(transaction=False)
+        for tenant, workflow in workflows:
+            pipe.zrange(self._keys.workflow_index(partition, tenant, workflow), 0, limit)
+        for memory_id in deleted:
+            pipe.hkeys(self._keys.memory(partition, memory_id).meta)
+        replies = await pipe.execute()
+        found = {pair: [str(m) for m in replies[i]] for i, pair in enumerate(workflows)}
+        writers = {
+            memory_id: [str(f)[3:] for f in replies[len(workflows) + i] if str(f).startswith("wf:")]
+            for i, memory_id in enumerate(deleted)
+        }
+        return Lookups(found, writers)
+
     async def apply(self, lease: Lease, batch: ApplyBatch) -> list[str]:
         """Apply, record outcomes and acknowledge, in one fenced step.
 
-        Returns one status per op (applied, duplicate, skipped, refused, erased); raises
+        Returns one status per op (applied, duplicate, skipped, refused, erased,
+        partial: an ended op with more to do, left pending); raises
         LeaseLostError, having changed nothing, when the lease is not held.
         """
         if not batch.ops:
@@ -204,6 +316,8 @@ class MemoryStore:
         p = lease.partition
         keys = self._keys
         memory_keys = [k for mem in batch.mems for k in keys.memory(p, str(mem["id"])).all()]
+        if any(op["k"] == "ended" for op in batch.ops[:-1]):
+            raise ValueError("a workflow's end must be the last op of its batch")
         reply = await self._scripts(
             "apply_batch",
             [
@@ -215,6 +329,7 @@ class MemoryStore:
                 keys.counters(p),
                 keys.attempts(p, Group.APPENDER),
                 *batch.buckets,
+                *batch.indexes,
                 *memory_keys,
             ],
             [
@@ -227,6 +342,7 @@ class MemoryStore:
                 self.retention.tombstone_ms,
                 self.retention.outcome_ms,
                 self.retention.backup_ms,
+                len(batch.indexes),
             ],
         )
         if reply[0] == "stale":

@@ -16,7 +16,7 @@ from memory.flush import Counted, Priorities, fit_budget
 from memory.tokens import TokenCounter
 from store.config import get_partitions
 from store.connection import RedisClient
-from store.errors import OutcomeMismatchError, WaitTimeoutError
+from store.errors import GenerationChangedError, OutcomeMismatchError, WaitTimeoutError
 from store.keys import Group, Keys
 from store.scripts import Scripts
 
@@ -125,11 +125,17 @@ class MemoryReader:
         after: int | None = None,
         limit: int = 100,
         touch: bool = False,
+        generation: int | None = None,
     ) -> MemoryView:
         """The newest ``last`` messages, or up to ``limit`` messages after sequence
-        ``after``, or (neither given) the whole memory; oldest first. With ``touch``,
-        the messages are being read into a context window: their use is recorded, in the
-        same round trip, for the ``lru`` and ``lfu`` flush strategies."""
+        ``after``, or (neither given) the whole memory; oldest first. Each call reads
+        one consistent snapshot: a replace or clear is seen whole or not at all. With
+        ``touch``, the messages are being read into a context window: their use is
+        recorded, in the same round trip, for the ``lru`` and ``lfu`` flush strategies.
+
+        Paginating: pass the first page's ``generation`` with every later page; a page
+        of another generation raises GenerationChangedError instead of mixing two
+        versions of the memory."""
         if last is not None and after is not None:
             raise ValueError("pass either last or after, not both")
         if last is not None:
@@ -147,6 +153,9 @@ class MemoryReader:
         )
         meta = dict(zip(meta_flat[::2], meta_flat[1::2], strict=True))
         tomb = dict(zip(tomb_flat[::2], tomb_flat[1::2], strict=True))
+        found = int(meta.get("gen") or tomb.get("gen") or 0)
+        if generation is not None and found != generation:
+            raise GenerationChangedError(ref.memory_id, generation, found)
         return MemoryView(
             ref=ref,
             partition=p,
@@ -218,9 +227,13 @@ class MemoryReader:
         k = self._keys.memory(partition, ref.memory_id)
         await self._scripts("touch_messages", [k.tok, k.log], seqs)
 
-    async def outcome(self, partition: int, entry_id: str) -> Outcome | None:
-        """The recorded outcome of an ingest entry, if known yet."""
-        text = await self._client.hget(self._keys.outcomes(partition, entry_id), entry_id)
+    async def outcome(
+        self, partition: int, entry_id: str, *, group: Group = Group.APPENDER
+    ) -> Outcome | None:
+        """The recorded outcome of an ingest entry (of a lifecycle entry, with ``group``
+        cleanup), if known yet."""
+        bucket = self._keys.outcomes(partition, entry_id, group.value)
+        text = await self._client.hget(bucket, entry_id)
         return Outcome.from_json(str(text)) if text else None
 
     async def wait_applied(
@@ -234,7 +247,11 @@ class MemoryReader:
         return (await self.wait_applied_many([(partition, entry_id, event_id)], timeout))[0]
 
     async def wait_applied_many(
-        self, entries: Sequence[tuple[int, str, str | None]], timeout: float = 10.0
+        self,
+        entries: Sequence[tuple[int, str, str | None]],
+        timeout: float = 10.0,
+        *,
+        group: Group = Group.APPENDER,
     ) -> list[Outcome]:
         """The outcomes of many (partition, entry id, event id or None) entries, in their
         order, as soon as all are known: each poll asks for every one still unknown in one
@@ -248,7 +265,7 @@ class MemoryReader:
             pipe = self._client.pipeline(transaction=False)
             for i in todo:
                 partition, entry_id, _ = entries[i]
-                pipe.hget(self._keys.outcomes(partition, entry_id), entry_id)
+                pipe.hget(self._keys.outcomes(partition, entry_id, group.value), entry_id)
             for i, text in zip(todo, await pipe.execute(), strict=True):
                 if text:
                     found[i] = self._checked(entries[i], Outcome.from_json(str(text)))
@@ -256,7 +273,7 @@ class MemoryReader:
                 return [found[i] for i in range(len(entries))]
             if time.monotonic() >= deadline:
                 partition, entry_id, _ = entries[min(set(range(len(entries))) - set(found))]
-                held = await self._client.get(self._keys.held(partition, Group.APPENDER))
+                held = await self._client.get(self._keys.held(partition, group.value))
                 why = f"; partition {partition} is held back: {held!s}" if held else ""
                 raise WaitTimeoutError(
                     f"entry {entry_id} of partition {partition} was not applied within "

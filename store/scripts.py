@@ -159,6 +159,10 @@ class Scripts:
             self._sources[name] = source
             self._shas[name] = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
+    @property
+    def client(self) -> RedisClient:
+        return self._client
+
     async def load(self) -> None:
         """Register every script (SCRIPT LOAD; on a Cluster, on every master)."""
         for name, source in self._sources.items():

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from store.connection import RedisClient
 from store.errors import LeaseLostError
-from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, Topic
+from store.keys import GROUP_TOPIC, SINGLE_PARTITION_TOPICS, TOPIC_GROUPS, Group, Keys, Topic
 from store.lease import Lease
 from store.scripts import Scripts
 
@@ -59,10 +59,13 @@ def _fields(flat: Sequence[str] | None) -> dict[str, str] | None:
 
 
 async def ensure_groups(scripts: Scripts, keys: Keys, partition: int) -> int:
-    """Create every consumer group of a partition's topics at id 0; returns how many."""
+    """Create every consumer group of a partition's topics at id 0; returns how many
+    (the lifecycle stream has partition 0 only)."""
     streams: list[str] = []
     groups: list[str] = []
     for topic, topic_groups in TOPIC_GROUPS.items():
+        if partition and topic in SINGLE_PARTITION_TOPICS:
+            continue
         for group in topic_groups:
             streams.append(keys.topic(topic, partition))
             groups.append(group.value)
@@ -159,7 +162,7 @@ class PartitionStreams:
         buckets: list[str] = []
         payload = []
         for s in settles:
-            bucket = self._keys.outcomes(lease.partition, s.id)
+            bucket = self._keys.outcomes(lease.partition, s.id, self.group.value)
             if bucket not in buckets:
                 buckets.append(bucket)
             item: dict[str, object] = {

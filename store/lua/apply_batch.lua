@@ -12,6 +12,9 @@
 -- KEYS[6] counters  hash: seq, gen (never expire, never reused)
 -- KEYS[7] attempts  hash: entry id -> counted attempts
 -- KEYS[8 .. 7+B]    outcome buckets
+-- KEYS[8+B .. 7+B+X] index keys, referred to by number (1..X) from ops and mems: a
+--                   tenant's and a resource's memories, a workflow's memories, a
+--                   tenant's ended workflows
 -- then six keys per memory, in the order of ARGV[5]: log, meta, tomb, idem, tok, backup
 -- (the messages of its last clear with a backup; erases and deletes reach it too)
 --
@@ -24,23 +27,32 @@
 --                      reason?, detail?, letter? (dead letter fields),
 --                      lev? (the event text a dead letter of this op keeps)}
 --                     k: append | clear | replace | delete | flush | erase | dlq | drop |
---                     erased (erase: seq, the message to erase)
+--                     erased | ended (erase: seq, the message to erase)
+--                     append, replace: wf? (the writing workflow), w? (its index key)
+--                     delete: ws? ({workflow id: index key} of the memory's writers)
+--                     ended: wf, w, e (the ended key), ms (memories the workflow wrote),
+--                     more? (more memories than one call takes: left pending); always
+--                     the last op of a call
 --                     (drop: refused by policy, acknowledged with its outcome, no letter)
--- ARGV[5] mems        JSON list of {id (memory id), ttl (data TTL, ms)}
+-- ARGV[5] mems        JSON list of {id (memory id), ttl (data TTL, ms), t, r (its tenant
+--                     and resource index keys), e (its tenant's ended key), pol (the
+--                     policy when its last workflow ends: delete | expire | keep),
+--                     grace (expire: ms)}
 -- ARGV[6] idem_ms     how long an idempotency key is remembered
 -- ARGV[7] tomb_ms     how long a tombstone outlives its memory's data
 -- ARGV[8] outcome_ms  how long outcomes are kept
 -- ARGV[9] backup_ms   how long a clear's backup is kept (never past the memory's TTL)
+-- ARGV[10] X          the number of index keys
 --
 -- Returns {'stale'} (nothing changed) or {'ok', statuses}: one of applied, duplicate,
 -- skipped (settled before: at or below the watermark, or no longer pending), refused,
--- erased per op. Outcomes are written once (HSETNX): a later run never overwrites them.
+-- erased, partial (an ended op with more to do: not acknowledged) per op. Outcomes are written once (HSETNX): a later run never overwrites them.
 local lease, ingest, changes, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local flush, counters, attempts = KEYS[5], KEYS[6], KEYS[7]
 local value, group, nb = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ops, mems = cjson.decode(ARGV[4]), cjson.decode(ARGV[5])
 local idem_ms, tomb_ms, outcome_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local backup_ms = tonumber(ARGV[9])
+local backup_ms, nx = tonumber(ARGV[9]), tonumber(ARGV[10])
 
 if rcall('GET', lease) ~= value then
   return {'stale'}
@@ -50,7 +62,10 @@ local now = now_ms()
 -- A replay is safe only while both its idempotency key and the memory's last reset are
 -- still remembered.
 local replay_ms = math.min(idem_ms, tomb_ms)
-local mem_base = 7 + nb
+local mem_base = 7 + nb + nx
+local function xkey(i)
+  return KEYS[7 + nb + i]
+end
 local LOG, META, TOMB, IDEM, TOK, BACKUP = 1, 2, 3, 4, 5, 6
 local function mkey(m, which)
   return KEYS[mem_base + (m - 1) * 6 + which]
@@ -62,8 +77,10 @@ local function load(m)
   local s = state[m]
   if s then return s end
   local t = rcall('HMGET', mkey(m, TOMB), 'wm', 'gen', 'reset')
+  local meta = rcall('HMGET', mkey(m, META), 'gen', 'expire_at')
   s = {wm = t[1] or '0-0', gen = tonumber(t[2]) or 0, reset = t[3] or '0-0',
-       exists = rcall('EXISTS', mkey(m, META)) == 1, keys = {}, touched = false}
+       exists = meta[1] ~= false, expire_at = tonumber(meta[2]), keys = {},
+       touched = false}
   s.sim_exists = s.exists
   state[m] = s
   return s
@@ -75,10 +92,23 @@ local function key_seen(s, m, key)
   return expiry ~= false and tonumber(expiry) > now
 end
 
+-- Has the workflow ended (in this partition)? An end is the last op of its call, so
+-- what is stored is all there is to know.
+local function has_ended(e, wf)
+  local until_ms = rcall('ZSCORE', xkey(e), wf)
+  return until_ms ~= false and tonumber(until_ms) > now
+end
+
 local decisions = {}
 for i, op in ipairs(ops) do
   local d
-  if op.k == 'dlq' then
+  if op.k == 'ended' then
+    if not op.more and has_ended(op.e, op.wf) and rcall('EXISTS', xkey(op.w)) == 0 then
+      d = {'again'}
+    else
+      d = {'apply'}
+    end
+  elseif op.k == 'dlq' then
     d = {'refused', op.reason, op.detail}
   elseif op.k == 'drop' then
     d = {'ignored', op.reason, op.detail}
@@ -105,6 +135,10 @@ for i, op in ipairs(ops) do
     elseif op.idem and key_seen(s, op.m, op.idem) then
       d = {'duplicate'}
       s.wm = op.id
+    elseif op.wf and has_ended(mems[op.m].e, op.wf) then
+      d = {'refused', 'workflow_ended',
+           'workflow ' .. op.wf .. ' has ended: its writes are refused (' .. mems[op.m].id ..
+           ' is not changed)'}
     elseif (op.k == 'flush' or op.k == 'erase') and not s.sim_exists then
       d = {'ignored', 'no_such_memory', 'there is no memory ' .. mems[op.m].id .. ' to ' .. op.k}
     else
@@ -139,16 +173,131 @@ local function record(op, outcome)
   buckets[bucket] = true
 end
 
+-- What a new generation keeps of the memory's meta: when it was created, the workflows
+-- writing it and a fixed deadline (an `expire` policy's grace).
+local function carried(m)
+  local keep = {}
+  local fields = rcall('HGETALL', mkey(m, META))
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if f == 'created' or f == 'writers' or f == 'expire_at' or string.sub(f, 1, 3) == 'wf:' then
+      keep[#keep + 1] = f
+      keep[#keep + 1] = fields[i + 1]
+    end
+  end
+  return keep
+end
+
 local function new_generation(s, m)
   s.gen = rcall('HINCRBY', counters, 'gen', 1)
-  local created = rcall('HGET', mkey(m, META), 'created') or now
+  local keep = carried(m)
   rcall('DEL', mkey(m, LOG), mkey(m, META), mkey(m, TOK))
   -- A generation starts with no messages and no tokens, no flush mark; the token hash
   -- is created here (only the appender creates a memory's keys) for the accountant.
   rcall('HSET', mkey(m, META), 'gen', s.gen, 'count', 0, 'tokens', 0, 'counted', 0,
-    'updated', now, 'created', created)
+    'updated', now, 'created', now)
+  -- One field at a time: a memory may have more writers than unpack() takes.
+  for i = 1, #keep, 2 do rcall('HSET', mkey(m, META), keep[i], keep[i + 1]) end
   rcall('HSET', mkey(m, TOK), 'gen', s.gen)
   s.exists = true
+end
+
+-- A workflow wrote the memory: it is one of its writers (in its meta and in the
+-- workflow's index) until it ends. A workflow writing during an `expire` grace makes the
+-- memory live again: the grace is cancelled.
+local function add_writer(op, s, m)
+  if not op.wf then return end
+  if rcall('HSETNX', mkey(m, META), 'wf:' .. op.wf, now) == 1 then
+    rcall('HINCRBY', mkey(m, META), 'writers', 1)
+  end
+  if s.expire_at then
+    rcall('HDEL', mkey(m, META), 'expire_at')
+    s.expire_at = nil
+  end
+  local idx = xkey(op.w)
+  rcall('ZADD', idx, 'NX', now, mems[m].id)
+  local left = rcall('PTTL', idx)
+  if left < mems[m].ttl then rcall('PEXPIRE', idx, mems[m].ttl) end
+end
+
+-- Delete a memory's data (a new generation number, never reused); its tombstone stays.
+-- `writers` maps the workflow ids that may name it in their index to those index keys.
+local function delete_memory(op, s, m, writers, why)
+  s.gen = rcall('HINCRBY', counters, 'gen', 1)
+  local mid = mems[m].id
+  local fields = rcall('HKEYS', mkey(m, META))
+  for _, f in ipairs(fields) do
+    if string.sub(f, 1, 3) == 'wf:' then
+      local idx = writers and writers[string.sub(f, 4)]
+      if idx then rcall('ZREM', xkey(idx), mid) end
+    end
+  end
+  rcall('DEL', mkey(m, LOG), mkey(m, META), mkey(m, TOK), mkey(m, BACKUP))
+  rcall('HDEL', mkey(m, TOMB), 'backup')
+  s.exists = false
+  s.expire_at = nil
+  s.reset = op.id
+  s.touched = true
+  rcall('XADD', changes, '*', 'type', 'deleted', 'memory', mid, 'gen', s.gen,
+    'entry', op.id, 'reason', why)
+end
+
+-- The memory's last writing workflow ended: run its resource's policy.
+local function run_policy(op, s, m)
+  local pol = mems[m].pol
+  if pol == 'delete' then
+    delete_memory(op, s, m, nil, 'workflow_ended')
+  elseif pol == 'expire' then
+    local deadline = now + mems[m].grace
+    local left = rcall('PTTL', mkey(m, META))
+    if left >= 0 and now + left < deadline then deadline = now + left end
+    rcall('HSET', mkey(m, META), 'expire_at', deadline)
+    s.expire_at = deadline
+    s.touched = true
+  end
+  return pol
+end
+
+-- Workflow `wf` ended: it no longer writes memory m. Writers whose end is stored
+-- already but who are still listed (their index had expired before they ended) go
+-- too. The policy runs when none is left.
+local function end_writer(op, s, m, wf)
+  if not s.exists then return 'gone' end
+  local meta = mkey(m, META)
+  local removed = rcall('HDEL', meta, 'wf:' .. wf)
+  if removed == 0 then return 'gone' end
+  for _, f in ipairs(rcall('HKEYS', meta)) do
+    if string.sub(f, 1, 3) == 'wf:' and has_ended(mems[m].e, string.sub(f, 4)) then
+      removed = removed + rcall('HDEL', meta, f)
+    end
+  end
+  if rcall('HINCRBY', meta, 'writers', 0 - removed) > 0 then return 'shared' end
+  rcall('HDEL', meta, 'writers')
+  return run_policy(op, s, m)
+end
+
+-- The end of a workflow in this partition (the last op of its script call, so no
+-- later op is decided before it is applied). It is recorded as ended once its last
+-- memory is done, which `wait_ended` waits for; until then its entry stays pending and
+-- holds back the entries after it.
+local function apply_ended(op)
+  local idx = xkey(op.w)
+  local tally = {delete = 0, expire = 0, keep = 0, shared = 0, gone = 0}
+  for _, m in ipairs(op.ms) do
+    if rcall('ZSCORE', idx, mems[m].id) then
+      local what = end_writer(op, load(m), m, op.wf)
+      tally[what] = tally[what] + 1
+      rcall('ZREM', idx, mems[m].id)
+    end
+  end
+  if not op.more then
+    rcall('DEL', idx)
+    local ekey = xkey(op.e)
+    rcall('ZADD', ekey, now + tomb_ms, op.wf)
+    rcall('ZREMRANGEBYSCORE', ekey, '-inf', now)
+    rcall('PEXPIRE', ekey, tomb_ms)
+  end
+  return tally
 end
 
 local function add_message(op, s, m, text)
@@ -252,14 +401,29 @@ local ids = {}
 for i, op in ipairs(ops) do
   local d = decisions[i]
   local status = d[1]
-  ids[i] = op.id
-  if status == 'apply' then
+  if not (op.k == 'ended' and op.more) then ids[#ids + 1] = op.id end
+  if op.k == 'ended' then
+    local t = apply_ended(op)
+    local detail = 'workflow ' .. op.wf .. ' ended: ' .. t.delete .. ' deleted, ' .. t.expire ..
+      ' expiring, ' .. t.keep .. ' kept, ' .. t.shared .. ' still written by other workflows'
+    if op.more then
+      status = 'partial'
+    elseif status == 'again' then
+      status = 'duplicate'
+      record(op, {status = 'duplicate', reason = 'already_ended',
+                  detail = 'workflow ' .. op.wf .. ' had ended already'})
+    else
+      status = 'applied'
+      record(op, {status = 'applied', detail = detail})
+    end
+  elseif status == 'apply' then
     status = 'applied'
     local m, s = op.m, state[op.m]
     local mid = mems[m].id
     s.touched = true
     if op.k == 'append' then
       if not s.exists then new_generation(s, m) end
+      add_writer(op, s, m)
       local seq = add_message(op, s, m, op.msgs[1])
       rcall('HINCRBY', mkey(m, META), 'count', 1)
       rcall('XADD', changes, '*', 'type', 'appended', 'memory', mid, 'gen', s.gen,
@@ -267,6 +431,7 @@ for i, op in ipairs(ops) do
       record(op, {status = 'applied', seq = seq, gen = s.gen})
     elseif op.k == 'replace' then
       new_generation(s, m)
+      add_writer(op, s, m)
       local first, last = 0, 0
       for j, text in ipairs(op.msgs) do
         last = add_message(op, s, m, text)
@@ -291,14 +456,7 @@ for i, op in ipairs(ops) do
       end
       record(op, {status = 'applied', gen = s.gen, backup = backup})
     elseif op.k == 'delete' then
-      if s.exists then
-        s.gen = rcall('HINCRBY', counters, 'gen', 1)
-        rcall('DEL', mkey(m, LOG), mkey(m, META), mkey(m, TOK), mkey(m, BACKUP))
-        rcall('HDEL', mkey(m, TOMB), 'backup')
-        s.exists = false
-        rcall('XADD', changes, '*', 'type', 'deleted', 'memory', mid, 'gen', s.gen,
-          'entry', op.id)
-      end
+      if s.exists then delete_memory(op, s, m, op.ws, 'deleted') end
       record(op, {status = 'applied', gen = s.gen})
     elseif op.k == 'erase' then
       local removed = erase_message(m, op.seq)
@@ -333,20 +491,36 @@ for i, op in ipairs(ops) do
   statuses[i] = status
 end
 
--- Deadlines and tombstones of every memory the batch changed.
+-- Deadlines and tombstones of every memory the batch changed, and the inventory.
+local indexes = {}
 for m, s in pairs(state) do
   if s.touched then
     local tomb_deadline
+    local tenant_idx, resource_idx = xkey(mems[m].t), xkey(mems[m].r)
     if s.exists then
-      local deadline = now + mems[m].ttl
+      -- Renewed on write, except during an `expire` grace (its deadline is fixed).
+      local deadline = s.expire_at or (now + mems[m].ttl)
       rcall('HSET', mkey(m, META), 'updated', now, 'entry', s.wm)
       rcall('PEXPIREAT', mkey(m, LOG), deadline)
       rcall('PEXPIREAT', mkey(m, META), deadline)
       rcall('PEXPIREAT', mkey(m, TOK), deadline)
+      if s.expire_at then
+        local left = rcall('PTTL', mkey(m, BACKUP))
+        if left >= 0 and now + left > deadline then
+          rcall('PEXPIREAT', mkey(m, BACKUP), deadline)
+        end
+      end
       tomb_deadline = deadline + tomb_ms
+      for _, idx in ipairs({tenant_idx, resource_idx}) do
+        rcall('ZADD', idx, deadline, mems[m].id)
+      end
     else
       tomb_deadline = now + tomb_ms
+      rcall('ZREM', tenant_idx, mems[m].id)
+      rcall('ZREM', resource_idx, mems[m].id)
     end
+    indexes[tenant_idx] = true
+    indexes[resource_idx] = true
     rcall('HSET', mkey(m, TOMB), 'wm', s.wm, 'gen', s.gen, 'reset', s.reset)
     rcall('PEXPIREAT', mkey(m, TOMB), tomb_deadline)
     rcall('ZREMRANGEBYSCORE', mkey(m, IDEM), '-inf', now)
@@ -354,6 +528,13 @@ for m, s in pairs(state) do
   elseif s.dup and rcall('EXISTS', mkey(m, TOMB)) == 1 then
     rcall('HSET', mkey(m, TOMB), 'wm', s.wm)
   end
+end
+
+-- An inventory index forgets expired memories and expires with its last one.
+for idx in pairs(indexes) do
+  rcall('ZREMRANGEBYSCORE', idx, '-inf', now)
+  local last = rcall('ZRANGE', idx, -1, -1, 'WITHSCORES')
+  if last[2] then rcall('PEXPIREAT', idx, last[2]) end
 end
 
 for bucket in pairs(buckets) do

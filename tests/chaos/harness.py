@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from store import Group, Keys, MemoryReader, RedisClient, Scripts, connect
+from store import GROUP_TOPIC, Group, Keys, MemoryReader, RedisClient, Scripts, connect
 from tests.chaos.producer import plan, ref_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,8 +259,10 @@ def lease_fence(value: str) -> int:
 
 
 async def leases(client: RedisClient, keys: Keys, group: str = APPENDER) -> dict[int, str | None]:
-    """Each partition's lease value of ``group`` (None when nobody holds it)."""
-    return {p: await client.get(keys.lease(p, group)) for p in range(PARTITIONS)}
+    """Each partition's lease value of ``group`` (None when nobody holds it); the
+    cleanup group has one partition (the lifecycle stream)."""
+    count = 1 if group == Group.CLEANUP.value else PARTITIONS
+    return {p: await client.get(keys.lease(p, group)) for p in range(count)}
 
 
 async def owned_by(client: RedisClient, keys: Keys, pid: int, group: str = APPENDER) -> set[int]:
@@ -317,21 +319,16 @@ def _idcmp(a: str, b: str) -> int:
 
 
 def stream_of(keys: Keys, group: str, p: int) -> str:
-    """The stream ``group`` consumes: ingest (appender), changes (accountant) or flush
-    (summarizer)."""
-    streams = {
-        Group.APPENDER.value: keys.ingest,
-        Group.ACCOUNTANT.value: keys.changes,
-        Group.SUMMARIZER.value: keys.flush,
-    }
-    return streams[group](p)
+    """The stream ``group`` consumes: ingest (appender), changes (accountant), flush
+    (summarizer) or, for partition 0, lifecycle (cleanup)."""
+    return keys.topic(GROUP_TOPIC[Group(group)], p)
 
 
 async def unsettled(client: RedisClient, keys: Keys, group_name: str = APPENDER) -> dict[int, str]:
     """Partitions whose stream (of ``group_name``, the ingest stream by default) still has
     pending or undelivered entries."""
     left: dict[int, str] = {}
-    for p in range(PARTITIONS):
+    for p in range(1 if group_name == Group.CLEANUP.value else PARTITIONS):
         stream = stream_of(keys, group_name, p)
         if not await client.exists(stream):
             continue

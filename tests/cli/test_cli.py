@@ -28,9 +28,9 @@ from store import RedisServerProcess, find_server_binary
 ROOT = Path(__file__).resolve().parents[2]
 MEMSTREAM = str(Path(sys.executable).with_name("memstream"))
 PARTITIONS = 16
-#: `run all` runs the appender, the accountant and the summarizer: one lease per
-#: partition each.
-LEASES = PARTITIONS * 3
+#: `run all` runs the appender, the accountant and the summarizer (one lease per
+#: partition each) and the cleanup processor (one lease: the lifecycle stream).
+LEASES = PARTITIONS * 3 + 1
 T = TypeVar("T")
 
 
@@ -870,3 +870,66 @@ def test_erase_one_message(service: Cli, tmp_path: Path) -> None:
     contents = [m["content"] for m in service("read", ref, "--json").json()["messages"]]
     assert contents == ["a", "c"]
     assert service("erase", ref, "0").code == 2
+
+
+def test_workflow_termination_and_the_inventory(service: Cli, tmp_path: Path) -> None:
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    refs = [f"{tenant}/customer-support/{fresh_key()}" for _ in range(3)]
+    for ref in refs:
+        done = service("publish", ref, "--content", "hi", "--workflow", "wf-1", "--wait")
+        assert done.code == 0, done.err
+    extra = f"{tenant}/user-preferences/{fresh_key()}"
+    assert service("publish", extra, "--content", "dark mode", "--wait").code == 0
+
+    listed = service("ls", tenant, "--json")
+    assert listed.code == 0, listed.err
+    assert {json.loads(line)["memory"] for line in listed.lines} == {*refs, extra}
+    by_resource = service("ls", tenant, "--resource", "user-preferences")
+    assert [line.split()[0] for line in by_resource.lines] == [extra]
+    assert "1 memory" in by_resource.err
+    by_workflow = service("ls", tenant, "--workflow", "wf-1", "--json")
+    assert {json.loads(line)["memory"] for line in by_workflow.lines} == set(refs)
+    limited = service("ls", tenant, "--limit", "2")
+    assert len(limited.lines) == 2 and "raise --limit" in limited.err
+    assert service("ls", tenant, "--resource", "x", "--workflow", "y").code == 2
+
+    started = service("workflow", "started", "wf-2", "--tenant", tenant, "--wait")
+    assert started.code == 0 and "applied" in started.out, started.err
+    ended = service(
+        "workflow",
+        "terminated",
+        "wf-1",
+        "--tenant",
+        tenant,
+        "--status",
+        "failed",
+        "--wait",
+        "--json",
+    )
+    assert ended.code == 0, ended.err
+    assert ended.json()["outcome"]["status"] == "applied"
+    assert "sent to 16 partitions" in ended.json()["outcome"]["detail"]
+    # customer-support keeps its memories (on_workflow_end: keep); the workflow is gone
+    # from the inventory, its late writes are refused (exit 3).
+    assert service("ls", tenant, "--workflow", "wf-1").lines == []
+    assert len(service("ls", tenant).lines) == 4
+    late = service("publish", refs[0], "--content", "late", "--workflow", "wf-1", "--wait")
+    assert late.code == 3 and "workflow_ended" in late.out
+    assert service("workflow", "terminated", "wf-1", "--tenant", "no/such").code == 2
+    status = service("status", "--json").json()
+    assert status["cleanup"]["group"] == "cleanup"
+    assert [row["partition"] for row in status["cleanup"]["partitions"]] == [0]
+
+
+def test_paginated_read_pinned_to_a_generation(service: Cli, tmp_path: Path) -> None:
+    ref = f"acme/customer-support/{fresh_key()}"
+    messages = tmp_path / "m.json"
+    messages.write_text(json.dumps([{"role": "user", "content": t} for t in "abcd"]))
+    assert service("write", ref, "--file", str(messages)).code == 0
+    first = service("read", ref, "--after", "0", "--limit", "2", "--json").json()
+    gen, after = str(first["generation"]), str(first["next_after"])
+    page = service("read", ref, "--after", after, "--generation", gen, "--json")
+    assert page.code == 0 and [m["content"] for m in page.json()["messages"]] == ["c", "d"]
+    assert service("write", ref, "--file", str(messages)).code == 0
+    stale = service("read", ref, "--after", after, "--generation", gen)
+    assert stale.code == 3 and "read it again from the start" in stale.err

@@ -14,6 +14,7 @@ from events import Publisher
 from memory import MemoryRef, Message, ResourceRegistry, Role
 from processors import Appender, LoopConfig, Worker, WorkerConfig
 from processors.accountant import Accountant
+from processors.cleanup import Cleanup
 from processors.port import Processor
 from processors.summaries import SummaryWriter
 from processors.summarizer import Summarizer
@@ -21,9 +22,11 @@ from processors.tokenizers import Tokenizers
 from store import (
     Accounts,
     Flushes,
+    Group,
     Keys,
     MemoryReader,
     MemoryStore,
+    PartitionStreams,
     RedisClient,
     Retention,
     Scripts,
@@ -96,18 +99,28 @@ class Rig:
         self.start("accountant", self.accountant())
         self.start("summarizer", self.summarizer())
 
+    def cleanup(self) -> Cleanup:
+        streams = PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP)
+        return Cleanup(self.publisher, streams)
+
+    def start_cleanup(self, name: str = "cleanup") -> Worker:
+        """The lifecycle stream's worker (one partition)."""
+        return self.start(name, self.cleanup(), partitions=1)
+
     def start(
         self,
         name: str,
         processor: Processor | None = None,
         config: WorkerConfig | None = None,
+        *,
+        partitions: int = PARTITIONS,
     ) -> Worker:
         worker = Worker(
             self.client,
             self.scripts,
             self.keys,
             processor or self.appender(),
-            PARTITIONS,
+            partitions,
             config or self.config,
             worker_id=name,
         )

@@ -193,7 +193,7 @@ class Failing:
     async def process(self, batch):  # type: ignore[no-untyped-def]
         original = self.inner._prepare
 
-        def prepare(ops, entry, partition):  # type: ignore[no-untyped-def]
+        def prepare(ops, entry, partition, found):  # type: ignore[no-untyped-def]
             raise ValueError(f"cannot handle {entry.fields}")
 
         self.inner._prepare = prepare  # type: ignore[method-assign]

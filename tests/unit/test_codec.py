@@ -14,9 +14,11 @@ import jsonschema
 import pytest
 
 from events import (
+    AnyEvent,
     AppendPayload,
     ClearPayload,
     DecodeError,
+    EndedPayload,
     ErasePayload,
     FlushPayload,
     FlushRequested,
@@ -32,6 +34,7 @@ from events import (
     NewerSchemaError,
     ReplacePayload,
     TerminatedPayload,
+    WorkflowEnded,
     WorkflowPayload,
     WorkflowStarted,
     WorkflowStatus,
@@ -50,7 +53,7 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 NAME = MemoryName(resource="customer-support", key="support-123")
 
 
-def every_event() -> list[MemoryEvent | LifecycleEvent]:
+def every_event() -> list[AnyEvent]:
     user = Message(role=Role.USER, content="hello", name="ann", metadata={"lang": "en"})
     return [
         MessageAppended(
@@ -99,13 +102,19 @@ def every_event() -> list[MemoryEvent | LifecycleEvent]:
             tenant="acme",
             payload=TerminatedPayload(workflow_id="wf-1", status=WorkflowStatus.TIMED_OUT),
         ),
+        WorkflowEnded(
+            tenant="acme",
+            idempotency_key="wf-end:wf-1",
+            partitions=16,
+            payload=EndedPayload(workflow_id="wf-1", status=WorkflowStatus.FAILED, partition=3),
+        ),
     ]
 
 
 def appended(**changes: Any) -> dict[str, Any]:
     """A valid message.appended event as JSON data, with top-level changes."""
     data: dict[str, Any] = {
-        "schema_version": 2,
+        "schema_version": 3,
         "event_id": "ev-1",
         "tenant": "acme",
         "type": "message.appended",
@@ -175,7 +184,7 @@ def test_version_0_is_unsupported_and_names_the_supported_versions() -> None:
     assert info.value.tenant == "acme"
 
 
-@pytest.mark.parametrize("version", [3, 99])
+@pytest.mark.parametrize("version", [4, 99])
 def test_a_newer_version_holds_back_and_is_never_a_decode_error(version: int) -> None:
     # Whatever else is wrong with it, a newer event is for newer consumers to judge.
     data = appended(schema_version=version, type="something.new", payload={"x": 1})
@@ -183,7 +192,7 @@ def test_a_newer_version_holds_back_and_is_never_a_decode_error(version: int) ->
         decode(fields(data))
     assert not isinstance(info.value, DecodeError)
     assert info.value.version == version
-    assert info.value.supported == 2
+    assert info.value.supported == 3
     assert "upgrade the consumers first" in str(info.value)
 
 
@@ -338,7 +347,7 @@ def test_version_1_memory_id_is_upgraded_to_a_version_2_memory_name() -> None:
     decoded = decode(fields(v1()))
     event = decoded.event
     assert isinstance(event, MessageAppended)
-    assert event.schema_version == 2
+    assert event.schema_version == 3
     assert event.payload.memory == NAME
     assert event.ref.memory_id == "acme/customer-support/support-123"
     assert event.event_id == "ev-1"
@@ -354,7 +363,7 @@ def test_version_1_lifecycle_events_are_upgraded_as_they_are() -> None:
     }
     event = decode(fields(data)).event
     assert isinstance(event, WorkflowTerminated)
-    assert event.schema_version == 2
+    assert event.schema_version == 3
     assert event.payload.status is WorkflowStatus.COMPLETED
 
 
@@ -436,8 +445,13 @@ def test_encoded_events_of_every_type_validate_against_the_schema(
     VALIDATOR.validate(data)
 
 
-def test_a_version_2_event_written_by_hand_validates_against_the_schema() -> None:
+def test_an_event_written_by_hand_validates_against_the_schema() -> None:
     VALIDATOR.validate(appended())
+
+
+def test_a_version_2_event_is_read_as_version_3() -> None:
+    event = decode(fields(appended(schema_version=2))).event
+    assert isinstance(event, MessageAppended) and event.schema_version == 3
 
 
 def _without(path: tuple[str, ...]) -> dict[str, Any]:
@@ -463,7 +477,7 @@ def _with_message(**message: Any) -> dict[str, Any]:
 
 REFUSED_BY_BOTH = {
     "unknown type": appended(type="message.deleted"),
-    "newer version": appended(schema_version=3),
+    "newer version": appended(schema_version=4),
     "unknown field": appended(unexpected=1),
     "partitions 0": appended(partitions=0),
     "empty event id": appended(event_id=""),

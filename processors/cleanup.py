@@ -1,0 +1,126 @@
+"""The cleanup processor: the one leaseholder of the lifecycle stream.
+
+A terminated workflow becomes one ``workflow.ended`` command in every ``ingest:{p}``
+(idempotency key ``wf-end:<id>``), so its end is ordered with the appends of every
+partition. Each appender then applies it to the memories of its partition that the
+workflow wrote: its later writes are refused, and the resource's
+``cleanup.on_workflow_end`` policy runs on each memory no live workflow writes any more.
+A started workflow needs nothing: memories learn their workflows from their writes, and
+a start never undoes an end.
+
+Sending the commands is not fenced by the lease (the ingest streams are in other
+partitions' slots): a paused former holder can only send a workflow's end again, which
+the appenders apply once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from events import (
+    DecodeError,
+    NewerSchemaError,
+    Publisher,
+    PublishError,
+    WorkflowStarted,
+    WorkflowTerminated,
+    decode,
+)
+from events.codec import DEFAULT_MAX_EVENT_BYTES, printable
+from processors.port import Batch, Handled, HoldBack
+from store import TRANSIENT_ERRORS, Group, PartitionStreams, Settle, StreamEntry
+
+log = logging.getLogger(__name__)
+
+
+class Cleanup:
+    """The processor of the lifecycle stream (one partition, 0)."""
+
+    group = Group.CLEANUP
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        streams: PartitionStreams,
+        *,
+        outcome_ttl_ms: int = 10 * 60 * 1000,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
+        self._publisher = publisher
+        self._streams = streams
+        self._outcome_ttl_ms = outcome_ttl_ms
+        self._max_event_bytes = max_event_bytes
+
+    async def process(self, batch: Batch) -> Handled:
+        done: list[Settle] = []
+        held: HoldBack | None = None
+        try:
+            for entry in batch.entries:
+                try:
+                    settle = await self._handle(entry)
+                except NewerSchemaError as e:
+                    held = HoldBack(entry.id, str(e))
+                    break
+                done.append(settle)
+        finally:
+            # What was sent is settled even when a later entry fails (sending an end
+            # again would be harmless, but there is no need).
+            if done:
+                try:
+                    await self._streams.settle(batch.lease, done, self._outcome_ttl_ms)
+                except TRANSIENT_ERRORS as e:
+                    log.warning("settling %d lifecycle entries failed: %s", len(done), e)
+        return Handled(held)
+
+    async def _handle(self, entry: StreamEntry) -> Settle:
+        try:
+            event = decode(entry.fields, max_bytes=self._max_event_bytes).event
+        except DecodeError as e:
+            return self._refuse(entry, e.reason, e.detail)
+        if isinstance(event, WorkflowTerminated):
+            try:
+                receipts = await self._publisher.end_workflow(event)
+            except PublishError as e:
+                # Redis (some partition of it) failed or refused: retried with backoff,
+                # never counted as an attempt (the event itself is fine).
+                raise RedisConnectionError(
+                    f"sending the end of workflow {event.payload.workflow_id} failed: {e}"
+                ) from e
+            log.info(
+                "workflow %s/%s %s: its end was sent to %d partitions",
+                event.tenant,
+                event.payload.workflow_id,
+                event.payload.status.value,
+                len(receipts),
+            )
+            return Settle(
+                entry.id,
+                "applied",
+                detail=f"workflow {event.payload.workflow_id} ended "
+                f"({event.payload.status.value}): sent to {len(receipts)} partitions",
+            )
+        if isinstance(event, WorkflowStarted):
+            return Settle(
+                entry.id,
+                "applied",
+                detail="nothing to do: memories learn their workflows from their writes, "
+                "and a start never undoes an end",
+            )
+        return self._refuse(
+            entry,
+            "wrong_stream",
+            f"{event.type} events belong on an ingest stream, not the lifecycle stream",
+        )
+
+    def _refuse(self, entry: StreamEntry, reason: str, detail: str) -> Settle:
+        raw = printable((entry.fields or {}).get("event", ""))
+        letter = {
+            "event": raw if reason != "oversized" else "",
+            "reason": reason,
+            "detail": detail,
+            "entry": entry.id,
+            "source": self._streams.stream(0),
+        }
+        return Settle(entry.id, "refused", reason, detail, letter=letter)
