@@ -5,10 +5,12 @@ its resource's threshold. It consumes ``changes:{p}``, the appender's change eve
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import defaultdict
 
 from memory import MemoryRef, ResourceRegistry
+from processors.metrics import Metrics
 from processors.port import Batch, Handled
 from processors.tokenizers import Tokenizers
 from store import Accounts, Group, MemoryCounts, StreamEntry
@@ -41,8 +43,13 @@ class Accountant:
     group = Group.ACCOUNTANT
 
     def __init__(
-        self, accounts: Accounts, registry: ResourceRegistry, tokenizers: Tokenizers
+        self,
+        accounts: Accounts,
+        registry: ResourceRegistry,
+        tokenizers: Tokenizers,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._accounts = accounts
         self.registry = registry  # replaced as a whole on reload (SIGHUP)
         self._tokenizers = tokenizers
@@ -84,5 +91,10 @@ class Accountant:
                     mark_ms=int(MARK_TTLS * resource.locking.flush_ttl * 1000),
                 )
             )
+        started = time.perf_counter()
         await self._accounts.apply(batch.lease, counts, [e.id for e in batch.entries])
+        m, group = self._metrics, self.group.value
+        m.apply_seconds.labels(group).observe(time.perf_counter() - started)
+        m.tokens_counted.inc(sum(n for c in counts for _, n in c.counts))
+        m.settled(group, [("count", "applied")] * len(batch.entries))
         return Handled()

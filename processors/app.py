@@ -11,6 +11,7 @@ from memory import ResourceRegistry
 from processors.accountant import Accountant
 from processors.appender import Appender
 from processors.cleanup import Cleanup
+from processors.metrics import Metrics
 from processors.port import Processor
 from processors.runtime import Worker
 from processors.settings import Settings
@@ -55,6 +56,7 @@ class App:
         self.url = ""
         self._client: RedisClient | None = None
         self._scripts: Scripts | None = None
+        self.metrics = Metrics()  # one registry for every worker of the process
 
     @property
     def client(self) -> RedisClient:
@@ -132,7 +134,9 @@ class App:
         self, registry: ResourceRegistry, tokenizers: Tokenizers, worker_id: str | None = None
     ) -> Worker:
         accounts = Accounts(self.client, self.scripts, self.keys)
-        return await self._worker(Accountant(accounts, registry, tokenizers), worker_id)
+        return await self._worker(
+            Accountant(accounts, registry, tokenizers, self.metrics), worker_id
+        )
 
     def summary_writer(self) -> SummaryWriter | None:
         """The LLM writer when ``MEMSTREAM_SUMMARIZER_URL`` is set, else None (extractive)."""
@@ -158,6 +162,7 @@ class App:
             writer=writer or self.summary_writer(),
             lock=DistributedLock(self.scripts, self.keys, worker_id),
             summary_timeout=self.settings.summary_timeout,
+            metrics=self.metrics,
         )
         return await self._worker(processor, worker_id)
 
@@ -168,6 +173,7 @@ class App:
             registry,
             await self.partitions(),
             limits=self.settings.limits(),
+            metrics=self.metrics,
         )
         return await self._worker(processor, worker_id)
 
@@ -182,10 +188,18 @@ class App:
             PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP),
             outcome_ttl_ms=int(s.outcome_ttl * 1000),
             max_event_bytes=s.max_event_bytes,
+            metrics=self.metrics,
         )
         await self.partitions()
         return Worker(
-            self.client, self.scripts, self.keys, processor, 1, s.worker_config(), worker_id
+            self.client,
+            self.scripts,
+            self.keys,
+            processor,
+            1,
+            s.worker_config(),
+            worker_id,
+            self.metrics,
         )
 
     async def _worker(self, processor: Processor, worker_id: str | None) -> Worker:
@@ -197,4 +211,5 @@ class App:
             await self.partitions(),
             self.settings.worker_config(),
             worker_id,
+            self.metrics,
         )

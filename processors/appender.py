@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 
 from events import (
@@ -24,6 +25,7 @@ from events import (
 from events.codec import DEFAULT_MAX_EVENT_BYTES, Decoded, printable
 from events.limits import RequestLimits
 from memory import MemoryResource, Message, PrivacyPolicy, ResourceRegistry, partition_for
+from processors.metrics import Metrics
 from processors.port import Batch, EntryFailedError, Handled, HoldBack
 from store import (
     ApplyBatch,
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 #: Text per script call; the entries past it wait for the next batch (they stay pending).
 MAX_BATCH_BYTES = 8 * 1024 * 1024
+GROUP = Group.APPENDER.value
 #: Memories of one workflow one script call ends; the rest wait for the next call.
 MAX_ENDED_MEMORIES = 500
 #: Text that marks an entry as one needing a lookup before the batch (see ``_lookups``).
@@ -70,7 +73,9 @@ class Appender:
         *,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         limits: RequestLimits | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._keys = keys
         self.registry = registry  # replaced as a whole on reload (SIGHUP)
@@ -102,10 +107,26 @@ class Appender:
                 partial = True
                 break
         if len(ops):
-            await self._store.apply(batch.lease, ops)
+            await self._apply(batch, ops)
         if failed is not None:
             raise failed
         return Handled(held, partial=partial)
+
+    async def _apply(self, batch: Batch, ops: ApplyBatch) -> None:
+        started = time.perf_counter()
+        statuses, reasons = await self._store.apply_with_reasons(batch.lease, ops)
+        done = time.time()
+        m = self._metrics
+        m.apply_seconds.labels(GROUP).observe(time.perf_counter() - started)
+        kinds = [str(op["k"]) for op in ops.ops]
+        m.settled(GROUP, zip(kinds, statuses, strict=True))
+        for op, kind, status, reason in zip(ops.ops, kinds, statuses, reasons, strict=True):
+            if status == "refused" and kind != "drop" and reason != "no_such_memory":
+                m.dead_letters.labels(GROUP, reason or "refused").inc()
+            elif status == "applied" and kind in ("append", "replace"):
+                published = ops.published_at.get(str(op["id"]))
+                if published:
+                    m.end_to_end_seconds.observe(max(0.0, done - published / 1000))
 
     async def _lookups(self, batch: Batch) -> Lookups:
         """Read what workflow ends and deletes in the batch need (see ``Lookups``); only
@@ -182,6 +203,8 @@ class Appender:
     ) -> None:
         event = decoded.event
         resource: MemoryResource | None = None
+        if event.published_at_ms:
+            ops.published_at[entry_id] = event.published_at_ms
 
         def refuse(reason: str, detail: str, memory_id: str | None = None) -> None:
             ops.dead_letter(

@@ -29,6 +29,7 @@ from events import (
     decode,
 )
 from events.codec import DEFAULT_MAX_EVENT_BYTES, printable
+from processors.metrics import Metrics
 from processors.port import Batch, Handled, HoldBack
 from store import TRANSIENT_ERRORS, Group, PartitionStreams, Settle, StreamEntry
 
@@ -47,7 +48,9 @@ class Cleanup:
         *,
         outcome_ttl_ms: int = 10 * 60 * 1000,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._publisher = publisher
         self._streams = streams
         self._outcome_ttl_ms = outcome_ttl_ms
@@ -72,6 +75,8 @@ class Cleanup:
                     await self._streams.settle(batch.lease, done, self._outcome_ttl_ms)
                 except TRANSIENT_ERRORS as e:
                     log.warning("settling %d lifecycle entries failed: %s", len(done), e)
+                else:
+                    self._count(done)
         return Handled(held)
 
     async def _handle(self, entry: StreamEntry) -> Settle:
@@ -113,6 +118,14 @@ class Cleanup:
             "wrong_stream",
             f"{event.type} events belong on an ingest stream, not the lifecycle stream",
         )
+
+    def _count(self, settled: list[Settle]) -> None:
+        group = self.group.value
+        for settle in settled:
+            kind = "lifecycle" if settle.letter is None else "dlq"
+            self._metrics.settled(group, [(kind, settle.status)])
+            if settle.letter is not None:
+                self._metrics.dead_letters.labels(group, settle.reason or "refused").inc()
 
     def _refuse(self, entry: StreamEntry, reason: str, detail: str) -> Settle:
         raw = printable((entry.fields or {}).get("event", ""))

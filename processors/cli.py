@@ -67,12 +67,19 @@ def main() -> None:
 @click.option("--resources", help="colon-separated folders or files of memory resources")
 @click.option("--partitions", type=int, help="partition count, stored on first start")
 @click.option("--until-idle", is_flag=True, help="stop once every owned partition is idle")
+@click.option(
+    "--metrics-port", type=click.IntRange(1, 65535), help="serve Prometheus metrics on this port"
+)
 @command
 async def run(
-    processor: str, resources: str | None, partitions: int | None, until_idle: bool
+    processor: str,
+    resources: str | None,
+    partitions: int | None,
+    until_idle: bool,
+    metrics_port: int | None,
 ) -> None:
     """Run processors (all of them in one process by default)."""
-    settings = settings_from(resources=resources, partitions=partitions)
+    settings = settings_from(resources=resources, partitions=partitions, metrics_port=metrics_port)
     setup_logging(settings.log_level, settings.log_format)
     registry = App(settings).registry()
     stop = asyncio.Event()
@@ -91,6 +98,12 @@ async def run(
         if processor in ("cleanup", "all"):
             workers.append(await app.cleanup())
         loop.add_signal_handler(signal.SIGHUP, reload_resources, workers)
+        if settings.metrics_port:
+            app.metrics.serve(settings.metrics_port, settings.metrics_addr)
+            click.echo(
+                f"metrics on http://{settings.metrics_addr}:{settings.metrics_port}/metrics",
+                err=True,
+            )
         click.echo(
             f"memstream {processor}: {len(registry)} resource(s), {await app.partitions()} "
             f"partitions, Redis at {app.describe()}; Ctrl-C stops",

@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 
 from events.codec import printable
 from processors.failures import Backoff, id_order, is_entry_fault
+from processors.metrics import Metrics
 from processors.port import (
     Batch,
     EntryFailedError,
@@ -82,7 +83,10 @@ class PartitionLoop:
         consumer: str,
         config: LoopConfig,
         state: PartitionState,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
+        self._name = streams.group.value
         self._scripts = scripts
         self._keys = keys
         self._streams = streams
@@ -115,6 +119,7 @@ class PartitionLoop:
         try:
             await self._run()
         finally:
+            self._metrics.forget_partition(self._name, self._p)
             if isinstance(self._processor, WorksInBackground):
                 # Given up: let background work end a moment; lost: stop it now.
                 wait = 0.0 if self.state.lost else self._config.drain_seconds
@@ -137,9 +142,11 @@ class PartitionLoop:
                 backoff.reset()
             except LeaseLostError:
                 log.warning("partition %d: lease lost, stopping its loop", self._p)
+                self._metrics.lease_losses.labels(self._name).inc()
                 self.state.lost = True
                 return
             except ResponseError as e:
+                self._redis_error(e)
                 if "NOGROUP" in str(e):
                     log.warning("partition %d: consumer group missing, creating it", self._p)
                     with contextlib.suppress(*TRANSIENT_ERRORS):
@@ -148,6 +155,7 @@ class PartitionLoop:
                     log.error("partition %d: Redis refused a step: %s", self._p, e)
                 await self._sleep(backoff.next())
             except TRANSIENT_ERRORS as e:
+                self._redis_error(e)
                 log.warning("partition %d: Redis unavailable (%s); retrying", self._p, e)
                 await self._sleep(backoff.next())
             except asyncio.CancelledError:
@@ -155,6 +163,10 @@ class PartitionLoop:
             except Exception:
                 log.exception("partition %d: unexpected failure; retrying", self._p)
                 await self._sleep(backoff.next())
+
+    def _redis_error(self, e: Exception) -> None:
+        self._metrics.redis_errors.labels(self._name, type(e).__name__).inc()
+        self._metrics.retries.labels(self._name).inc()
 
     async def _take_over(self) -> None:
         claim = await self._streams.claim_all(self._lease, self._consumer)
@@ -173,6 +185,7 @@ class PartitionLoop:
         detail = "the entry was gone from the stream before it was processed"
         settles = [Settle(i, "erased", "erased", detail) for i in ids]
         await self._streams.settle(self._lease, settles, self._config.outcome_ttl_ms)
+        self._metrics.settled(self._name, [("erased", "erased")] * len(ids))
 
     async def _step(self) -> None:
         cfg = self._config
@@ -231,8 +244,14 @@ class PartitionLoop:
     async def _process(self, entries: list[StreamEntry]) -> bool:
         """Process a batch; True when every entry of it was settled."""
         batch = Batch(self._p, self._lease, entries, narrowing=self._narrow_through is not None)
+        started = time.perf_counter()
         try:
-            handled = await self._processor.process(batch)
+            try:
+                handled = await self._processor.process(batch)
+            finally:
+                self._metrics.batch_seconds.labels(self._name).observe(
+                    time.perf_counter() - started
+                )
         except EntryFailedError as e:
             await self._count_failure(e.entry_id, repr(e.cause), entries)
             return False
@@ -285,6 +304,7 @@ class PartitionLoop:
         if isinstance(self._processor, WritesLetters):
             _, error = self._processor.letter(entry, error)  # errors may quote the event
         attempts = await self._streams.count_attempt(self._lease, entry_id)
+        self._metrics.failed_attempts.labels(self._name).inc()
         log.warning(
             "partition %d: entry %s failed (attempt %d of %d): %s",
             self._p,
@@ -320,6 +340,8 @@ class PartitionLoop:
                 letter[name] = printable(fields[name])
         settle = Settle(entry.id, "refused", reason, detail, letter=letter)
         await self._streams.settle(self._lease, [settle], self._config.outcome_ttl_ms)
+        self._metrics.dead_letters.labels(self._name, reason).inc()
+        self._metrics.settled(self._name, [("dlq", "refused")])
         self._passed(entry.id)
         log.error(
             "partition %d: entry %s dead-lettered (%s: %s)", self._p, entry.id, reason, detail
@@ -356,6 +378,9 @@ class PartitionLoop:
             return
         self._last_trim = now
         await self._streams.trim(self._p, exact=self._config.exact_trim)
+        lag = await self._streams.lag(self._p)
+        if lag is not None:
+            self._metrics.lag.labels(self._name, str(self._p)).set(lag)
 
     async def _wait(self, tail: str) -> None:
         """Wait for data with a plain XREAD BLOCK (delivers nothing), or for stop."""

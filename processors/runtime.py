@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass, field
 
 from processors.assignment import assigned
+from processors.metrics import Metrics
 from processors.partition import LoopConfig, PartitionLoop, PartitionState
 from processors.port import Processor
 from store import (
@@ -63,8 +64,10 @@ class Worker:
         partitions: int,
         config: WorkerConfig | None = None,
         worker_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config or WorkerConfig()
+        self.metrics = metrics or Metrics()
         self.id = worker_id or new_worker_id()
         self.group = processor.group
         self.partitions = partitions
@@ -136,21 +139,23 @@ class Worker:
             # Leases are still renewed (a refresh writes nothing new, so it works even
             # when Redis refuses writes for lack of memory); nothing new is taken.
             log.warning("worker %s: heartbeat failed (%s)", self.id, e)
+            self.metrics.redis_errors.labels(self.group.value, type(e).__name__).inc()
             members = None
         if members is not None and members != self.members:
             if self.members:
                 self.rebalances += 1
+                self.metrics.rebalances.labels(self.group.value).inc()
                 log.info("worker %s: members now %s", self.id, ", ".join(members))
             self.members = members
         desired = assigned(self.id, self.members, self.partitions)
         await self._keep(desired)
-        if members is None:
-            return
-        for p in sorted(desired - set(self.owned)):
-            try:
-                await self._acquire(p)
-            except TRANSIENT_ERRORS as e:
-                log.warning("worker %s: cannot acquire partition %d (%s)", self.id, p, e)
+        if members is not None:
+            for p in sorted(desired - set(self.owned)):
+                try:
+                    await self._acquire(p)
+                except TRANSIENT_ERRORS as e:
+                    log.warning("worker %s: cannot acquire partition %d (%s)", self.id, p, e)
+        self.metrics.partitions_owned.labels(self.group.value).set(len(self.owned))
 
     async def _keep(self, desired: set[int]) -> None:
         """Renew the leases of the partitions to keep; let the others go."""
@@ -164,6 +169,7 @@ class Worker:
             try:
                 if not await self.leases.refresh(state.lease):
                     log.warning("worker %s: lease on partition %d lost", self.id, p)
+                    self.metrics.lease_losses.labels(self.group.value).inc()
                     state.lost = True
                     state.stop.set()
             except TRANSIENT_ERRORS as e:
@@ -185,6 +191,7 @@ class Worker:
             consumer=self.id,
             config=self.config.loop,
             state=state,
+            metrics=self.metrics,
         )
         self.owned[p] = state
         if self._task_group is None:
@@ -214,6 +221,7 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
         self.owned.clear()
         self._tasks.clear()
+        self.metrics.partitions_owned.labels(self.group.value).set(0)
         with contextlib.suppress(*TRANSIENT_ERRORS):
             await self.heartbeat(leave=True)
         log.info("worker %s (%s) stopped", self.id, self.group.value)

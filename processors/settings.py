@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     summary_timeout: float = Field(
         default=60.0, description="longest wait for an LLM summary before the extractive one"
     )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="serve Prometheus metrics on this port"
+    )
+    metrics_addr: str = Field(default="0.0.0.0", description="the metrics server's address")
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

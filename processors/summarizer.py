@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from memory.flush import Counted, Plan, plan_flush
 from memory.resource import MemoryType
 from memory.tokens import TokenCounter
 from processors.failures import id_order, is_entry_fault
+from processors.metrics import Metrics
 from processors.port import Batch, EntryFailedError, Handled
 from processors.summaries import ExtractiveWriter, SummaryWriter
 from processors.tokenizers import Tokenizers
@@ -144,7 +146,9 @@ class Summarizer:
         lock_wait: float = 2.0,
         detach_after: float = 1.0,
         max_background: int = 16,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._flushes = flushes
         self.registry = registry  # replaced as a whole on reload (SIGHUP)
         self._tokenizers = tokenizers
@@ -377,6 +381,7 @@ class Summarizer:
                 change=change,
             )
             if end is not None:
+                self._flushed(plan, end.tokens, len(requests))
                 log.info(
                     "flushed %s (%s): %d -> %d tokens, %d message(s) left%s",
                     memory_id,
@@ -389,6 +394,12 @@ class Summarizer:
                 return
             log.info("%s changed while its flush was planned; planning again", memory_id)
         await self._end(lease, requests, gen=requests[-1].gen, note="gave_up", resource=resource)
+
+    def _flushed(self, plan: Plan, tokens_after: int, requests: int) -> None:
+        m, strategy = self._metrics, plan.strategy.value
+        m.flushes.labels(strategy, "applied").inc()
+        m.tokens_saved.labels(strategy).inc(max(0, plan.tokens_before - tokens_after))
+        m.settled(self.group.value, [("flush", "applied")] * requests)
 
     async def _change(
         self,
@@ -425,9 +436,11 @@ class Summarizer:
         """The writer's summary; the extractive one when it fails, takes longer than
         ``summary_timeout`` or overshoots the budget."""
         if self._writer.name != self._fallback.name:
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._summary_timeout):
                     message = await self._writer.write(folded, budget, counter)
+                self._metrics.summary_seconds.labels("llm").observe(time.perf_counter() - started)
                 if counter.message(message) <= budget:
                     return message
                 log.warning(
@@ -437,7 +450,10 @@ class Summarizer:
                 log.warning(
                     "the %s summary failed (%r); writing an extractive one", self._writer.name, e
                 )
-        return await self._fallback.write(folded, budget, counter)
+        started = time.perf_counter()
+        message = await self._fallback.write(folded, budget, counter)
+        self._metrics.summary_seconds.labels("extractive").observe(time.perf_counter() - started)
+        return message
 
     async def _end(
         self,
@@ -453,6 +469,16 @@ class Summarizer:
         memory_id = requests[0].memory_id
         if resource is None:
             resource = self.registry.find(MemoryRef.parse_id(memory_id).resource)
+        result = "failed" if error is not None else (note or "ended")
+        strategy = (
+            plan.strategy.value
+            if plan is not None
+            else next((r.strategy.value for r in reversed(requests) if r.strategy), None)
+            or (resource.flushing.type.value if resource is not None else "unknown")
+        )
+        m = self._metrics
+        m.flushes.labels(strategy, result).inc()
+        m.settled(self.group.value, [("flush", result)] * len(requests))
         letter = None
         if error is not None:
             # The letter keeps a manual flush request for the memory: replaying it
@@ -465,6 +491,7 @@ class Summarizer:
                 "source": self._flushes.stream(lease.partition),
                 "memory": memory_id,
             }
+            m.dead_letters.labels(self.group.value, "failed").inc()
         await self._flushes.finish(
             lease,
             memory_id,

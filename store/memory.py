@@ -72,6 +72,8 @@ class ApplyBatch:
         self._index_of: dict[str, int] = {}
         # Per (tenant, workflow): the memories written earlier in this batch.
         self.written: dict[tuple[str, str], set[str]] = {}
+        # When each entry's event was published (producer's clock, ms), for metrics.
+        self.published_at: dict[str, int] = {}
         self.size = 0  # bytes of event and message text, to keep script calls bounded
 
     def __len__(self) -> int:
@@ -305,14 +307,21 @@ class MemoryStore:
         return Lookups(found, writers)
 
     async def apply(self, lease: Lease, batch: ApplyBatch) -> list[str]:
-        """Apply, record outcomes and acknowledge, in one fenced step.
+        """The statuses of ``apply_with_reasons``."""
+        return (await self.apply_with_reasons(lease, batch))[0]
+
+    async def apply_with_reasons(
+        self, lease: Lease, batch: ApplyBatch
+    ) -> tuple[list[str], list[str]]:
+        """Apply, record outcomes and acknowledge, in one fenced step; the status of
+        every op, and the reason of each refused one ('' for the others).
 
         Returns one status per op (applied, duplicate, skipped, refused, erased,
         partial: an ended op with more to do, left pending); raises
         LeaseLostError, having changed nothing, when the lease is not held.
         """
         if not batch.ops:
-            return []
+            return [], []
         p = lease.partition
         keys = self._keys
         memory_keys = [k for mem in batch.mems for k in keys.memory(p, str(mem["id"])).all()]
@@ -347,4 +356,4 @@ class MemoryStore:
         )
         if reply[0] == "stale":
             raise LeaseLostError(p, Group.APPENDER.value)
-        return [str(s) for s in reply[1]]
+        return [str(s) for s in reply[1]], [str(r) for r in reply[2]]

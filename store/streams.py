@@ -7,6 +7,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from redis.exceptions import ResponseError
+
 from store.connection import RedisClient
 from store.errors import LeaseLostError
 from store.keys import GROUP_TOPIC, SINGLE_PARTITION_TOPICS, TOPIC_GROUPS, Group, Keys, Topic
@@ -195,6 +197,26 @@ class PartitionStreams:
     async def trim(self, partition: int, *, exact: bool = False) -> int | None:
         """Trim acknowledged entries; None when a group is missing (nothing trimmed)."""
         return await trim_stream(self._scripts, self.stream(partition), self.topic, exact=exact)
+
+    async def lag(self, partition: int, cap: int = 10_000) -> int | None:
+        """Entries of the partition's stream not yet delivered to the group (Redis 7
+        keeps the figure; on 6.2 they are counted, up to ``cap``); None without the
+        group."""
+        stream = self.stream(partition)
+        try:
+            infos = await self._client.execute_command("XINFO", "GROUPS", stream)
+        except ResponseError:
+            return None
+        for info in infos:
+            group = info if isinstance(info, dict) else _fields([str(x) for x in info]) or {}
+            if group.get("name") != self.group.value:
+                continue
+            if group.get("lag") not in (None, "None"):
+                return int(group["lag"])
+            last = str(group.get("last-delivered-id", "0-0"))
+            start = f"({last}" if last != "0-0" else "-"
+            return len(await self._client.xrange(stream, min=start, count=cap) or [])
+        return None
 
     async def wait(self, partition: int, after: str, block_ms: int) -> bool:
         """Block until the stream has an entry after ``after`` (delivers nothing)."""

@@ -44,7 +44,8 @@
 -- ARGV[9] backup_ms   how long a clear's backup is kept (never past the memory's TTL)
 -- ARGV[10] X          the number of index keys
 --
--- Returns {'stale'} (nothing changed) or {'ok', statuses}: one of applied, duplicate,
+-- Returns {'stale'} (nothing changed) or {'ok', statuses, reasons}: the reason of each
+-- refused op ('' for the others), and one status per op: applied, duplicate,
 -- skipped (settled before: at or below the watermark, or no longer pending), refused,
 -- erased, partial (an ended op with more to do: not acknowledged) per op. Outcomes are written once (HSETNX): a later run never overwrites them.
 local lease, ingest, changes, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -397,6 +398,7 @@ local function erase_message(m, seq)
 end
 
 local statuses = {}
+local reasons = {}
 local ids = {}
 for i, op in ipairs(ops) do
   local d = decisions[i]
@@ -489,6 +491,7 @@ for i, op in ipairs(ops) do
                 detail = 'the entry was gone from the stream before it was applied'})
   end
   statuses[i] = status
+  reasons[i] = (status == 'refused' and d[2]) or ''
 end
 
 -- Deadlines and tombstones of every memory the batch changed, and the inventory.
@@ -544,4 +547,4 @@ if #ids > 0 then
   rcall('XACK', ingest, group, unpack(ids))
   rcall('HDEL', attempts, unpack(ids))
 end
-return {'ok', statuses}
+return {'ok', statuses, reasons}

@@ -15,6 +15,7 @@ from memory import MemoryRef, Message, ResourceRegistry, Role
 from processors import Appender, LoopConfig, Worker, WorkerConfig
 from processors.accountant import Accountant
 from processors.cleanup import Cleanup
+from processors.metrics import Metrics
 from processors.port import Processor
 from processors.summaries import SummaryWriter
 from processors.summarizer import Summarizer
@@ -67,6 +68,7 @@ class Rig:
     publisher: Publisher
     reader: MemoryReader
     config: WorkerConfig = FAST
+    metrics: Metrics = field(default_factory=Metrics)  # shared by every worker started
     running: dict[str, tuple[Worker, asyncio.Event, asyncio.Task[None]]] = field(
         default_factory=dict
     )
@@ -77,11 +79,12 @@ class Rig:
             self.keys,
             self.registry,
             PARTITIONS,
-            **kwargs,  # type: ignore[arg-type]
+            **({"metrics": self.metrics} | kwargs),  # type: ignore[arg-type]
         )
 
     def accountant(self) -> Accountant:
-        return Accountant(Accounts(self.client, self.scripts, self.keys), self.registry, TOKENIZERS)
+        accounts = Accounts(self.client, self.scripts, self.keys)
+        return Accountant(accounts, self.registry, TOKENIZERS, self.metrics)
 
     def summarizer(self, writer: SummaryWriter | None = None, **kwargs: float) -> Summarizer:
         return Summarizer(
@@ -90,7 +93,7 @@ class Rig:
             TOKENIZERS,
             writer=writer,
             lock=DistributedLock(self.scripts, self.keys),
-            **kwargs,  # type: ignore[arg-type]
+            **({"metrics": self.metrics} | kwargs),  # type: ignore[arg-type]
         )
 
     def start_all(self) -> None:
@@ -101,7 +104,7 @@ class Rig:
 
     def cleanup(self) -> Cleanup:
         streams = PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP)
-        return Cleanup(self.publisher, streams)
+        return Cleanup(self.publisher, streams, metrics=self.metrics)
 
     def start_cleanup(self, name: str = "cleanup") -> Worker:
         """The lifecycle stream's worker (one partition)."""
@@ -123,6 +126,7 @@ class Rig:
             partitions,
             config or self.config,
             worker_id=name,
+            metrics=self.metrics,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
