@@ -28,6 +28,7 @@ from processors.resources import resources
 from processors.runtime import Worker
 from processors.status import as_json, group_status, render
 from processors.summarizer import Summarizer
+from processors.supervisor import WorkerCommand, supervise
 from processors.tokenizers import Tokenizers
 from store import GenerationChangedError, Group
 
@@ -68,7 +69,17 @@ def main() -> None:
 @click.option("--partitions", type=int, help="partition count, stored on first start")
 @click.option("--until-idle", is_flag=True, help="stop once every owned partition is idle")
 @click.option(
-    "--metrics-port", type=click.IntRange(1, 65535), help="serve Prometheus metrics on this port"
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="serve Prometheus metrics on this port (with --workers: this port and the next ones)",
+)
+@click.option(
+    "--workers",
+    "processes",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="run this many worker processes, supervised (each a member of the groups)",
 )
 @command
 async def run(
@@ -77,11 +88,25 @@ async def run(
     partitions: int | None,
     until_idle: bool,
     metrics_port: int | None,
+    processes: int,
 ) -> None:
     """Run processors (all of them in one process by default)."""
     settings = settings_from(resources=resources, partitions=partitions, metrics_port=metrics_port)
     setup_logging(settings.log_level, settings.log_format)
     registry = App(settings).registry()
+    if processes > 1:
+        command = WorkerCommand(processor, resources, partitions, until_idle, settings.metrics_port)
+        async with App(settings, start_embedded=True) as app:
+            await app.partitions()  # stored once, before the workers race to store it
+            click.echo(
+                f"memstream {processor}: {processes} worker processes, Redis at "
+                f"{app.describe()}; Ctrl-C stops",
+                err=True,
+            )
+            code = await supervise(command, processes, app.url)
+        if code:
+            sys.exit(code)
+        return
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
