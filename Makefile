@@ -25,10 +25,13 @@ test-fast: ## Run the tests without the chaos and cluster suites
 contract: ## Regenerate the committed JSON Schema and conformance vectors
 	$(PY) -m events.conformance
 
+docs: ## Regenerate the configuration reference (docs/configuration.md) from the models
+	$(PY) -m processors.docgen --write
+
 bench: ## Run the append benchmark (see benchmarks/README.md)
 	$(PY) benchmarks/append.py
 
 bench-accountant: ## Run the accountant benchmark (see benchmarks/README.md)
 	$(PY) benchmarks/accountant.py
 
-.PHONY: help venv lint format test test-fast contract bench bench-accountant
+.PHONY: help venv lint format test test-fast contract docs bench bench-accountant

@@ -158,12 +158,19 @@ class AgentResource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    resource: Literal["agent"]
-    id: str = Field(min_length=1, max_length=200)
+    resource: Literal["agent"] = Field(description="the kind of file")
+    id: str = Field(min_length=1, max_length=200, description="the agent's id")
     description: str = ""
-    memory: Any = None
-    memories: Any = None
-    memory_key: str | None = None
+    memory: Any = Field(
+        default=None, description="one memory resource id, or true with `memories: [ids]`"
+    )
+    memories: Any = Field(
+        default=None,
+        description="memory resource ids, or a list of {id, mode: read-write | read-only, key}",
+    )
+    memory_key: str | None = Field(
+        default=None, description="the key template of `memory` (or of every id in `memories`)"
+    )
 
     @model_validator(mode="after")
     def _memories(self) -> AgentResource:

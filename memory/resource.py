@@ -72,7 +72,9 @@ Fraction = Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=1)]
 class Flushing(_Model):
     """When and how a memory is brought back under its budget."""
 
-    type: FlushStrategy = FlushStrategy.FIFO
+    type: FlushStrategy = Field(
+        default=FlushStrategy.FIFO, description="how a flush chooses what to remove or summarize"
+    )
     summarize_threshold: Fraction = Field(
         default=0.8, description="flush when the memory reaches this share of its limit"
     )
@@ -97,12 +99,14 @@ class Flushing(_Model):
 class TokenProvider(_Model):
     """Which tokenizer counts this memory's tokens."""
 
-    provider: Literal["openai", "anthropic", "google", "cohere", "deepseek", "mistral"] = "openai"
-    model: str | None = None
+    provider: Literal["openai", "anthropic", "google", "cohere", "deepseek", "mistral"] = Field(
+        default="openai", description="whose tokenizer counts (others than openai: estimates)"
+    )
+    model: str | None = Field(default=None, description="the provider's model (default: model)")
     api_key_env: str | None = Field(
         default=None, description="the environment variable holding the API key (never inline)"
     )
-    endpoint: str | None = None
+    endpoint: str | None = Field(default=None, description="the provider's API endpoint")
 
     @model_validator(mode="before")
     @classmethod
@@ -118,10 +122,16 @@ class TokenProvider(_Model):
 class TokenAllocation(_Model):
     """How the token budget is shared; the shares must add up to 1."""
 
-    system: float = Field(default=0.1, ge=0, le=1)
-    short_term: float = Field(default=0.6, ge=0, le=1)
-    long_term: float = Field(default=0.3, ge=0, le=1)
-    user_defined: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    system: float = Field(default=0.1, ge=0, le=1, description="share of protected messages")
+    short_term: float = Field(
+        default=0.6, ge=0, le=1, description="share of the newest messages after a flush"
+    )
+    long_term: float = Field(
+        default=0.3, ge=0, le=1, description="share of older messages and summaries"
+    )
+    user_defined: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="further named shares (all shares add up to 1)"
+    )
 
     @model_validator(mode="after")
     def _sum(self) -> TokenAllocation:
@@ -133,7 +143,7 @@ class TokenAllocation(_Model):
 
 class KeywordPriority(_Model):
     pattern: str = Field(description="an RE2 pattern matched against the message text")
-    priority: int
+    priority: int = Field(description="the priority of a message that matches")
 
     @field_validator("pattern")
     @classmethod
@@ -153,10 +163,13 @@ class Priority(_Model):
             Role.USER: 50,
             Role.ASSISTANT: 50,
             Role.TOOL: 20,
-        }
+        },
+        description="the priority of each role's messages",
     )
-    keywords: list[KeywordPriority] = Field(default_factory=list)
-    protected: int = 100
+    keywords: list[KeywordPriority] = Field(
+        default_factory=list, description="patterns that raise a message's priority"
+    )
+    protected: int = Field(default=100, description="messages at or above it are never evicted")
 
 
 class Persistence(_Model):
@@ -186,23 +199,35 @@ class Locking(_Model):
 class Cleanup(_Model):
     """What happens to a memory when the last workflow writing it ends."""
 
-    on_workflow_end: CleanupPolicy = CleanupPolicy.KEEP
+    on_workflow_end: CleanupPolicy = Field(
+        default=CleanupPolicy.KEEP,
+        description="when the last workflow writing a memory ends: delete, expire or keep it",
+    )
     grace: Duration = Field(default=3600.0, description="expire: how long it stays after")
 
 
 class MemoryResource(_Model):
     """One memory resource definition."""
 
-    resource: Literal["memory"] = "memory"
-    id: str
+    resource: Literal["memory"] = Field(default="memory", description="the kind of file")
+    id: str = Field(description="the resource id (lower-case letters, digits, - _ .)")
     description: str = ""
     version: str = "1"
-    type: MemoryType = MemoryType.TOKEN_BASED
-    model: str = "gpt-4o-mini"
-    model_context_size: int | None = Field(default=None, gt=0)
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_messages: int | None = Field(default=None, gt=0)
-    max_context_ratio: Fraction | None = None
+    type: MemoryType = Field(
+        default=MemoryType.TOKEN_BASED,
+        description="what the budget limits: tokens, messages or both",
+    )
+    model: str = Field(default="gpt-4o-mini", description="the model whose tokenizer counts tokens")
+    model_context_size: int | None = Field(
+        default=None, gt=0, description="the model's context window, for max_context_ratio"
+    )
+    max_tokens: int | None = Field(default=None, gt=0, description="token_based, buffer: the limit")
+    max_messages: int | None = Field(
+        default=None, gt=0, description="message_count_based, buffer: the limit"
+    )
+    max_context_ratio: Fraction | None = Field(
+        default=None, description="instead of max_tokens: this share of the model's context"
+    )
     token_provider: TokenProvider | None = None
     token_allocation: TokenAllocation | None = None
     flushing: Flushing = Field(default_factory=Flushing)
@@ -210,7 +235,9 @@ class MemoryResource(_Model):
     persistence: Persistence = Field(default_factory=Persistence)
     privacy_policy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
     locking: Locking = Field(default_factory=Locking)
-    default_key_template: str | None = None
+    default_key_template: str | None = Field(
+        default=None, description="a Jinja2 template of the key, e.g. support-{{ workflow.id }}"
+    )
     cleanup: Cleanup = Field(default_factory=Cleanup)
     _template: KeyTemplate | None = PrivateAttr(default=None)
 

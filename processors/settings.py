@@ -36,7 +36,9 @@ class Settings(BaseSettings):
         description="Redis URL; unset: the embedded server",
     )
     cluster: bool = Field(default=False, description="treat REDIS_URL as a Redis Cluster")
-    namespace: str = Field(default="ms", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    namespace: str = Field(
+        default="ms", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="prefix of every key"
+    )
     partitions: int = Field(
         default=16, ge=1, le=16384, description="partition count stored on first start"
     )
@@ -45,13 +47,21 @@ class Settings(BaseSettings):
     )
     lease_ttl: float = Field(default=10.0, description="partition lease TTL (at least 5s)")
     heartbeat: float = Field(default=1.0, description="membership heartbeat and lease refresh")
-    batch_size: int = Field(default=100, ge=1, le=1000)
+    batch_size: int = Field(default=100, ge=1, le=1000, description="entries per batch")
     block: float = Field(default=1.0, description="longest wait for new entries")
-    max_attempts: int = Field(default=10, ge=1, le=1000)
-    idempotency_window: float = Field(default=86400.0)
-    tombstone_ttl: float = Field(default=7 * 86400.0)
-    outcome_ttl: float = Field(default=600.0)
-    max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_attempts: int = Field(
+        default=10, ge=1, le=1000, description="failed attempts before an entry is dead-lettered"
+    )
+    idempotency_window: float = Field(
+        default=86400.0, description="how long an idempotency key is remembered"
+    )
+    tombstone_ttl: float = Field(
+        default=7 * 86400.0, description="how long a memory's tombstone outlives its data"
+    )
+    outcome_ttl: float = Field(default=600.0, description="how long outcomes are kept for waiters")
+    max_event_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="largest event, in bytes"
+    )
     max_message_bytes: int = Field(
         default=256 * 1024, ge=256, description="largest message (its JSON), in bytes"
     )
@@ -61,7 +71,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="largest publish call, in bytes"
     )
-    trim_interval: float = Field(default=5.0)
+    trim_interval: float = Field(
+        default=5.0, description="how often acknowledged entries are trimmed (and lag sampled)"
+    )
     exact_trim: bool = Field(
         default=True,
         description="trim exactly what is acknowledged; false lets Redis trim whole nodes only "
@@ -86,8 +98,8 @@ class Settings(BaseSettings):
         default=None, ge=1, le=65535, description="serve Prometheus metrics on this port"
     )
     metrics_addr: str = Field(default="0.0.0.0", description="the metrics server's address")
-    log_level: str = "INFO"
-    log_format: Literal["text", "json"] = "text"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_format: Literal["text", "json"] = Field(default="text", description="text or json lines")
 
     @field_validator(
         "lease_ttl",
