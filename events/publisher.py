@@ -64,12 +64,15 @@ from store import (
     OutcomeStatus,
     RedisClient,
     Scripts,
+    Topic,
     WaitTimeoutError,
     ensure_groups,
     ensure_partitions,
 )
 
 T = TypeVar("T")
+#: A producer creates the consumer groups of the streams it writes, no others.
+INGEST_ONLY = (Topic.INGEST,)
 UNKNOWN_OUTCOME = (
     "the events may or may not be published; publish them again with the same "
     "idempotency keys, they apply at most once"
@@ -200,7 +203,7 @@ class Publisher:
                 f"of one call (MEMSTREAM_MAX_REQUEST_BYTES); publish it in parts"
             )
         for p in sorted({p for p, _, _ in routed} - self._ready):
-            await self._guard(ensure_groups(self._scripts, self._keys, p))
+            await self._guard(ensure_groups(self._scripts, self._keys, p, INGEST_ONLY))
             self._ready.add(p)
         replies = await self._send(routed) if routed else []
         receipts = [
@@ -471,7 +474,7 @@ class Publisher:
             )
             routed.append((p, ended, event_json(ended)))
         for p in sorted(set(range(n)) - self._ready):
-            await self._guard(ensure_groups(self._scripts, self._keys, p))
+            await self._guard(ensure_groups(self._scripts, self._keys, p, INGEST_ONLY))
             self._ready.add(p)
         ids = await self._send(routed)
         return [

@@ -15,6 +15,7 @@ from memory.ref import check_resource_id, check_tenant
 from processors.app import App
 from processors.clitools import EXIT_REFUSED, command, settings_from
 from store import list_memories
+from store.acl import processor_rules, producer_rules, setuser
 
 
 def _when(ms: int | None) -> str:
@@ -105,6 +106,21 @@ async def ls(
 
 def register(main: click.Group) -> None:
     """Add the commands to ``main``."""
+
+    @main.command("acl")
+    @click.option("--processor-user", default="memstream-processor", show_default=True)
+    @click.option("--producer-user", default="memstream-producer", show_default=True)
+    def acl_cmd(processor_user: str, producer_user: str) -> None:
+        """Print the ACL SETUSER commands of the Redis users memstream needs (for the
+        namespace of MEMSTREAM_NAMESPACE): processors (and the CLI) get the namespace's
+        keys and no administration; producers may only publish and wait for outcomes.
+        Replace the passwords; connect with redis://USER:PASSWORD@host:port."""
+        namespace = settings_from().namespace
+        for user, rules in (
+            (processor_user, processor_rules(namespace)),
+            (producer_user, producer_rules(namespace)),
+        ):
+            click.echo(" ".join(setuser(user, "CHANGE-ME", rules)))
 
     @main.command("workflow")
     @click.argument("kind", type=click.Choice(["started", "terminated"]))

@@ -60,13 +60,18 @@ def _fields(flat: Sequence[str] | None) -> dict[str, str] | None:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
 
-async def ensure_groups(scripts: Scripts, keys: Keys, partition: int) -> int:
-    """Create every consumer group of a partition's topics at id 0; returns how many
-    (the lifecycle stream has partition 0 only)."""
+async def ensure_groups(
+    scripts: Scripts, keys: Keys, partition: int, topics: Sequence[Topic] | None = None
+) -> int:
+    """Create the consumer groups of a partition's topics (all, or ``topics``: a
+    producer creates those of the streams it writes) at id 0; returns how many (the
+    lifecycle stream has partition 0 only)."""
     streams: list[str] = []
     groups: list[str] = []
     for topic, topic_groups in TOPIC_GROUPS.items():
         if partition and topic in SINGLE_PARTITION_TOPICS:
+            continue
+        if topics is not None and topic not in topics:
             continue
         for group in topic_groups:
             streams.append(keys.topic(topic, partition))

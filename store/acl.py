@@ -1,0 +1,68 @@
+"""Redis ACL rules for memstream's users, for Redis 6.2 and 7 alike: producers may only
+publish (XADD to the ingest and lifecycle streams through the publish scripts) and read
+what the publish path reads; processors get the namespace's keys and the commands the
+runtime and its scripts use, nothing administrative.
+
+``memstream acl`` prints them as ``ACL SETUSER`` lines; the tests run the whole pipeline
+under them. One Redis ACL cannot tell tenants apart here: every tenant's events share
+the partitions' ingest streams, so a producer allowed to publish can publish for any
+tenant. Give each tenant its own API key at the HTTP gateway to separate them.
+"""
+
+from __future__ import annotations
+
+#: Commands every client needs to connect and run the scripts it loads.
+_CONNECT = ["+ping", "+hello", "+auth", "+select"]
+_SCRIPTS = ["+evalsha", "+script|load", "+script|exists", "+time"]
+
+
+def producer_rules(namespace: str = "ms") -> list[str]:
+    """A producer: publish events (and wait for their outcomes), nothing else.
+
+    Keys: the ingest and lifecycle streams (XADD, and creating their consumer groups
+    before the first entry), the configuration (the partition count), outcomes and the
+    held-partition markers (read while waiting)."""
+    ns = namespace
+    return [
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        *_CONNECT,
+        *_SCRIPTS,
+        "+xadd",
+        "+xgroup|create",
+        "+hget",
+        "+hsetnx",
+        "+get",
+        f"~{ns}:ingest:*",
+        f"~{ns}:lifecycle:*",
+        f"~{ns}:config",
+        f"~{ns}:out:*",
+        f"~{ns}:held:*",
+    ]
+
+
+def processor_rules(namespace: str = "ms") -> list[str]:
+    """A processor (any of them) and the operator's CLI: every key of the namespace,
+    reads, writes, streams and scripts; no administration (CONFIG, SHUTDOWN, FLUSHALL,
+    KEYS, DEBUG, ...), no pub/sub."""
+    return [
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        "+@read",
+        "+@write",
+        "+@stream",
+        "-@dangerous",
+        *_CONNECT,
+        "+eval",
+        *_SCRIPTS,
+        "+info",
+        "+scan",
+        f"~{namespace}:*",
+    ]
+
+
+def setuser(user: str, password: str, rules: list[str]) -> list[str]:
+    """The ``ACL SETUSER`` arguments for ``user``."""
+    return ["ACL", "SETUSER", user, "reset", "on", f">{password}", *rules]

@@ -1,0 +1,165 @@
+"""The documented ACL users (``store.acl``, ``memstream acl``): the whole pipeline runs
+with processors and producers under them, and a producer can publish and wait for its
+outcomes but read no memory and change nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.exceptions import NoPermissionError, ResponseError
+
+from events import Publisher
+from memory import MemoryRef, ResourceRegistry, partition_for
+from processors import Appender, Worker
+from processors.accountant import Accountant
+from processors.tokenizers import Tokenizers
+from store import (
+    Accounts,
+    Keys,
+    MemoryReader,
+    MemoryStore,
+    RedisServerProcess,
+    Scripts,
+    connect,
+    ensure_partitions,
+)
+from store.acl import processor_rules, producer_rules, setuser
+from tests.conftest import FLAVOURS, own_server
+from tests.runtime.conftest import FAST, PARTITIONS, ROOT, user
+
+
+@pytest.fixture(params=sorted(FLAVOURS))
+async def acl_server(
+    request: pytest.FixtureRequest,
+    server_factory: list[RedisServerProcess],
+    tmp_path: Path,
+) -> AsyncIterator[tuple[str, str]]:
+    """A server of its own (the ACL users are the test's), with the two users."""
+    server = own_server(server_factory, tmp_path, str(request.param), appendonly=False)
+    admin = connect(server.url)
+    await admin.execute_command(*setuser("memstream-processor", "p-secret", processor_rules()))
+    await admin.execute_command(*setuser("agent-producer", "a-secret", producer_rules()))
+    await admin.aclose()
+    host = server.url.removeprefix("redis://")
+    yield (
+        f"redis://memstream-processor:p-secret@{host}",
+        f"redis://agent-producer:a-secret@{host}",
+    )
+
+
+async def test_the_pipeline_runs_under_the_acl_users(acl_server: tuple[str, str]) -> None:
+    processor_url, producer_url = acl_server
+    keys = Keys()
+    registry = ResourceRegistry.load([ROOT / "memories"])
+    worker_client = connect(processor_url)
+    producer_client = connect(producer_url)
+    try:
+        worker_scripts = Scripts(worker_client)
+        await worker_scripts.load()
+        store = MemoryStore(worker_scripts, keys)
+        await ensure_partitions(worker_client, keys, PARTITIONS)
+        workers = [
+            Worker(
+                worker_client,
+                worker_scripts,
+                keys,
+                Appender(store, keys, registry, PARTITIONS),
+                PARTITIONS,
+                FAST,
+                "appender",
+            ),
+            Worker(
+                worker_client,
+                worker_scripts,
+                keys,
+                Accountant(Accounts(worker_client, worker_scripts, keys), registry, Tokenizers()),
+                PARTITIONS,
+                FAST,
+                "accountant",
+            ),
+        ]
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+
+        publisher = Publisher(producer_client, keys=keys, default_partitions=PARTITIONS)
+        ref = MemoryRef("acme", "customer-support", f"acl-{uuid.uuid4().hex[:6]}")
+        for text in ("hello", "world"):
+            published = await publisher.append(ref, user(text), workflow_id="wf-acl", wait=True)
+            assert published.outcome is not None and published.outcome.ok, published.outcome
+        ended = await publisher.workflow_started("acme", "wf-acl")
+        assert ended.receipt is not None
+
+        reader = MemoryReader(worker_client, worker_scripts, keys)
+        view = await reader.read(ref)
+        assert [str(m.content) for m in view.messages] == ["hello", "world"]
+
+        async def counted() -> bool:
+            return (await reader.read(ref)).counted == 2
+
+        for _ in range(100):
+            if await counted():
+                break
+            await asyncio.sleep(0.05)
+        assert await counted()
+
+        # The producer reads no memory and writes nothing but events.
+        p = partition_for(ref.memory_id, PARTITIONS)
+        k = keys.memory(p, ref.memory_id)
+        with pytest.raises(NoPermissionError):
+            await producer_client.zrange(k.log, 0, -1)
+        with pytest.raises(NoPermissionError):
+            await producer_client.hset(keys.config, "partitions", "3")
+        with pytest.raises(NoPermissionError):
+            await producer_client.delete(keys.ingest(p))
+        with pytest.raises(ResponseError):  # NOPERM, raised inside the script
+            await producer_client.eval(f"return redis.call('DEL', '{k.log}')", 0)
+        with pytest.raises(NoPermissionError):
+            await producer_client.config_get("*")
+        # ... nor can the processors administer the server.
+        with pytest.raises(NoPermissionError):
+            await worker_client.config_set("maxmemory", "1")
+        with pytest.raises(NoPermissionError):
+            await worker_client.flushall()
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    finally:
+        await worker_client.aclose()
+        await producer_client.aclose()
+
+
+async def test_memstream_acl_prints_commands_the_server_accepts(
+    server_factory: list[RedisServerProcess], tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
+    memstream = str(Path(sys.executable).with_name("memstream"))
+    proc = await asyncio.create_subprocess_exec(
+        memstream,
+        "acl",
+        "--producer-user",
+        "p1",
+        env={**env, "MEMSTREAM_NAMESPACE": "tenantns"},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    out = stdout.decode()
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("ACL SETUSER ") for line in lines)
+    assert "~tenantns:ingest:*" in lines[1] and " p1 " in lines[1]
+    for flavour in sorted(FLAVOURS):
+        server = own_server(server_factory, tmp_path / flavour, flavour, appendonly=False)
+        admin = connect(server.url)
+        try:
+            for line in lines:
+                assert await admin.execute_command(*shlex.split(line)) in (True, "OK")
+            users = await admin.execute_command("ACL", "USERS")
+            assert {"memstream-processor", "p1"} <= set(users)
+        finally:
+            await admin.aclose()
