@@ -91,6 +91,7 @@ class Options:
     json: bool
     save: Path | None = None
     worker_command: tuple[str, ...] = ()
+    workflows: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,11 @@ class Scenario:
     batch: int
     messages: int
     wait: bool = False
+
+
+def workflow_of(memory: int, workflows: int) -> str | None:
+    """With --workflows K, the workflow that writes memory m: one of K, m mod K."""
+    return f"wf-{memory % workflows:04d}" if workflows else None
 
 
 # --- the baseline: RPUSH per memory, pipelined ----------------------------------------
@@ -124,7 +130,11 @@ async def run_baseline(opts: Options, url: str, scenario: Scenario) -> Result:
             texts = [
                 (
                     f"{prefix}:{TENANT}/{RESOURCE}/{memory_key(item.memory)}",
-                    message_text(built[item], workflow_id=None, agent_id=None),
+                    message_text(
+                        built[item],
+                        workflow_id=workflow_of(item.memory, opts.workflows),
+                        agent_id=None,
+                    ),
                 )
                 for item in chunk
             ]
@@ -180,22 +190,31 @@ async def run_baseline(opts: Options, url: str, scenario: Scenario) -> Result:
 # --- memstream: publisher SDK -> ingest:{p} -> appender worker processes ------------------
 
 
-def event_for(tenant: str, item: Item, message: Message) -> MessageAppended:
+def event_for(
+    tenant: str, item: Item, message: Message, workflow_id: str | None = None
+) -> MessageAppended:
     return MessageAppended(
         tenant=tenant,
         payload=AppendPayload(
-            memory=MemoryName(resource=RESOURCE, key=memory_key(item.memory)), message=message
+            memory=MemoryName(resource=RESOURCE, key=memory_key(item.memory)),
+            message=message,
+            workflow_id=workflow_id,
         ),
     )
 
 
-async def warm_up(publisher: Publisher, messages: int, timeout: float) -> None:
+async def warm_up(publisher: Publisher, messages: int, timeout: float, workflows: int) -> None:
     """Publish to other memories (tenant bench-warmup) and wait until they are applied,
     so the timed run starts with warm connections, caches and code paths."""
     items = [Item(i % 16, i // 16) for i in range(messages)]
     receipts: list[Receipt] = []
     for chunk in chunks(items, 100):
-        events = [event_for(WARMUP_TENANT, item, message_for(item, 64)) for item in chunk]
+        events = [
+            event_for(
+                WARMUP_TENANT, item, message_for(item, 64), workflow_of(item.memory, workflows)
+            )
+            for item in chunk
+        ]
         receipts += [p.receipt for p in await publisher.publish_many(events)]
     last: dict[int, Receipt] = {r.partition: r for r in receipts}
     for receipt in last.values():
@@ -286,10 +305,16 @@ class MemstreamProducers:
     every entry, the partitions' last entries, and (with wait) what the SDK saw."""
 
     def __init__(
-        self, publisher: Publisher, built: dict[Item, Message], wait: bool, timeout: float
+        self,
+        publisher: Publisher,
+        built: dict[Item, Message],
+        wait: bool,
+        timeout: float,
+        workflows: int = 0,
     ) -> None:
         self.publisher = publisher
         self.built = built
+        self.workflows = workflows
         self.wait = wait
         self.timeout = timeout
         self.published: dict[str, float] = {}  # "<partition>/<entry id>" -> call start
@@ -299,7 +324,10 @@ class MemstreamProducers:
         self.ends: list[float] = []
 
     async def send(self, chunk: Sequence[Item]) -> None:
-        events = [event_for(TENANT, item, self.built[item]) for item in chunk]
+        events = [
+            event_for(TENANT, item, self.built[item], workflow_of(item.memory, self.workflows))
+            for item in chunk
+        ]
         t0 = now_ms()
         results = await self.publisher.publish_many(events, wait=self.wait, timeout=self.timeout)
         t1 = now_ms()
@@ -346,8 +374,11 @@ async def run_memstream(opts: Options, url: str, scenario: Scenario, log_dir: Pa
         publisher = Publisher(client, keys=keys, scripts=scripts)
         if await publisher.partitions() != opts.partitions:
             raise BrokenRunError("the workers stored another partition count")
-        await warm_up(publisher, min(1000, max(100, scenario.messages // 10)), opts.timeout)
-        producers = MemstreamProducers(publisher, built, scenario.wait, opts.timeout)
+        warmup = min(1000, max(100, scenario.messages // 10))
+        await warm_up(publisher, warmup, opts.timeout, opts.workflows)
+        producers = MemstreamProducers(
+            publisher, built, scenario.wait, opts.timeout, opts.workflows
+        )
 
         clock = await calibrate(client)
         meter = Meter(client, pool)
@@ -468,6 +499,7 @@ async def run(opts: Options, settings: Settings) -> dict[str, Any]:
                 "wait_messages": opts.wait_messages,
                 "wait_batch": opts.wait_batch,
                 "rate": opts.rate,
+                "workflows": opts.workflows,
                 "repeat": opts.repeat,
                 "tenant": TENANT,
                 "resource": RESOURCE,
@@ -531,6 +563,13 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         help="offered load, messages/s over all producers (default 0: as fast as they can)",
     )
     p.add_argument("--content-bytes", type=int, default=200, help="message size (default 200)")
+    p.add_argument(
+        "--workflows",
+        type=int,
+        default=0,
+        help="K > 0: every message carries workflow_id, one of K (memory m: workflow m mod K), "
+        "so the appender tracks each memory's writer (default 0: no workflow id)",
+    )
     p.add_argument("--aof", action="store_true", help="temporary server with appendonly yes")
     p.add_argument("--timeout", type=float, default=300.0, help="longest wait for the appender")
     p.add_argument(
@@ -557,6 +596,8 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     ):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if a.workflows < 0:
+        p.error("--workflows must be at least 0")
     if a.memories < a.producers:
         p.error("--memories must be at least --producers (each producer owns its memories)")
     return Options(
@@ -579,6 +620,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         json=a.json,
         save=a.save,
         worker_command=tuple(shlex.split(a.worker_command)),
+        workflows=a.workflows,
     )
 
 
