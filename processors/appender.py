@@ -115,6 +115,14 @@ class Appender:
     async def _apply(self, batch: Batch, ops: ApplyBatch) -> None:
         started = time.perf_counter()
         statuses, reasons = await self._store.apply_with_reasons(batch.lease, ops)
+        try:
+            self._record(ops, statuses, reasons, started)
+        except Exception:  # the batch is applied: metrics never fail it
+            log.exception("recording the metrics of a batch failed")
+
+    def _record(
+        self, ops: ApplyBatch, statuses: list[str], reasons: list[str], started: float
+    ) -> None:
         done = time.time()
         m = self._metrics
         m.apply_seconds.labels(GROUP).observe(time.perf_counter() - started)
