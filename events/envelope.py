@@ -25,8 +25,8 @@ from memory.ref import (
 )
 
 #: The schema version this code writes. Version 3 added workflow.ended (the cleanup
-#: processor's command), message.erased and memory.cleared's backup: a consumer of
-#: version 2 holds them back (rule 9) instead of refusing them.
+#: processor's command): a consumer of version 2 holds it back (rule 9) instead of
+#: refusing it. Events of versions 2 and 1 are still read.
 SCHEMA_VERSION = 3
 #: The oldest schema version this code still reads (upgraded on decode).
 OLDEST_SUPPORTED_VERSION = 1

@@ -93,8 +93,11 @@ class Accountant:
             )
         started = time.perf_counter()
         await self._accounts.apply(batch.lease, counts, [e.id for e in batch.entries])
-        m, group = self._metrics, self.group.value
-        m.apply_seconds.labels(group).observe(time.perf_counter() - started)
-        m.tokens_counted.inc(sum(n for c in counts for _, n in c.counts))
-        m.settled(group, [("count", "applied")] * len(batch.entries))
+        try:  # the counts are applied: metrics never fail them
+            m, group = self._metrics, self.group.value
+            m.apply_seconds.labels(group).observe(time.perf_counter() - started)
+            m.tokens_counted.inc(sum(n for c in counts for _, n in c.counts))
+            m.settled(group, [("count", "applied")] * len(batch.entries))
+        except Exception:
+            log.exception("recording the metrics of a batch failed")
         return Handled()

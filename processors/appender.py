@@ -59,6 +59,20 @@ def message_text(message: Message, *, workflow_id: str | None, agent_id: str | N
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
+class MissingLookupError(Exception):
+    """An event needs a lookup that was not read before the batch."""
+
+    def __init__(
+        self,
+        *,
+        workflows: Sequence[tuple[str, str]] = (),
+        deleted: Sequence[str] = (),
+    ) -> None:
+        super().__init__("a lookup is missing")
+        self.workflows = list(workflows)
+        self.deleted = list(deleted)
+
+
 class Appender:
     """The processor of ``ingest:{p}``."""
 
@@ -84,33 +98,48 @@ class Appender:
         self._max_event_bytes = self._limits.max_event_bytes
 
     async def process(self, batch: Batch) -> Handled:
-        ops = ApplyBatch(self._keys, batch.partition)
-        held: HoldBack | None = None
-        failed: EntryFailedError | None = None
-        partial = False
         found = await self._lookups(batch)
-        for entry in batch.entries:
-            if ops.size >= MAX_BATCH_BYTES:
-                partial = True
-                break
+        while True:
+            ops = ApplyBatch(self._keys, batch.partition)
             try:
-                self._prepare(ops, entry, batch.partition, found)
-            except NewerSchemaError as e:
-                held = HoldBack(entry.id, str(e))
-                break
-            except Exception as e:
-                failed = EntryFailedError(entry.id, e)
-                break
-            if ops.ops and ops.ops[-1]["k"] == "ended":
-                # A workflow's end is the last op of its call: the entries after it are
-                # decided against what it did (and it may continue in the next call).
-                partial = True
-                break
+                held, failed, partial = self._build(ops, batch, found)
+            except MissingLookupError as e:
+                # An event the text scan did not spot (JSON escapes in its type): read
+                # what it needs and build the batch again.
+                more = await self._store.lookups(
+                    batch.partition, e.workflows, e.deleted, MAX_ENDED_MEMORIES
+                )
+                found = Lookups(
+                    found.workflow_memories | more.workflow_memories,
+                    found.writers | more.writers,
+                )
+                continue
+            break
         if len(ops):
             await self._apply(batch, ops)
         if failed is not None:
             raise failed
         return Handled(held, partial=partial)
+
+    def _build(
+        self, ops: ApplyBatch, batch: Batch, found: Lookups
+    ) -> tuple[HoldBack | None, EntryFailedError | None, bool]:
+        for entry in batch.entries:
+            if ops.size >= MAX_BATCH_BYTES:
+                return None, None, True
+            try:
+                self._prepare(ops, entry, batch.partition, found)
+            except NewerSchemaError as e:
+                return HoldBack(entry.id, str(e)), None, False
+            except MissingLookupError:
+                raise
+            except Exception as e:
+                return None, EntryFailedError(entry.id, e), False
+            if ops.ops and ops.ops[-1]["k"] == "ended":
+                # A workflow's end is the last op of its call: the entries after it are
+                # decided against what it did (and it may continue in the next call).
+                return None, None, True
+        return None, None, False
 
     async def _apply(self, batch: Batch, ops: ApplyBatch) -> None:
         started = time.perf_counter()
@@ -127,7 +156,8 @@ class Appender:
         m = self._metrics
         m.apply_seconds.labels(GROUP).observe(time.perf_counter() - started)
         kinds = [str(op["k"]) for op in ops.ops]
-        m.settled(GROUP, zip(kinds, statuses, strict=True))
+        # An end continued in the next call is settled (and counted) once, at its end.
+        m.settled(GROUP, [(k, s) for k, s in zip(kinds, statuses, strict=True) if s != "partial"])
         for op, kind, status, reason in zip(ops.ops, kinds, statuses, reasons, strict=True):
             if status == "refused" and kind != "drop" and reason != "no_such_memory":
                 m.dead_letters.labels(GROUP, reason or "refused").inc()
@@ -300,7 +330,11 @@ class Appender:
             on_workflow_end=resource.cleanup.on_workflow_end.value,
             grace_ms=int(resource.cleanup.grace * 1000),
         )
-        writers = found.writers.get(ref.memory_id, ())
+        writers: Sequence[str] = ()
+        if isinstance(event, MemoryDeleted):
+            if ref.memory_id not in found.writers:
+                raise MissingLookupError(deleted=[ref.memory_id])
+            writers = found.writers[ref.memory_id]
         self._add(ops, target, event, policy, writers)
 
     def _target(self, memory_id: str) -> Target:
@@ -321,7 +355,9 @@ class Appender:
 
     def _end(self, ops: ApplyBatch, entry_id: str, event: WorkflowEnded, found: Lookups) -> None:
         workflow = event.payload.workflow_id
-        stored = found.workflow_memories.get((event.tenant, workflow), [])
+        if (event.tenant, workflow) not in found.workflow_memories:
+            raise MissingLookupError(workflows=[(event.tenant, workflow)])
+        stored = found.workflow_memories[(event.tenant, workflow)]
         more = len(stored) > MAX_ENDED_MEMORIES
         names = set(stored[:MAX_ENDED_MEMORIES]) | ops.written_by(event.tenant, workflow)
         targets = [self._target(name) for name in sorted(names)]

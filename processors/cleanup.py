@@ -24,6 +24,8 @@ from events import (
     NewerSchemaError,
     Publisher,
     PublishError,
+    PublishOutcomeUnknownError,
+    RedisUnavailableError,
     WorkflowStarted,
     WorkflowTerminated,
     decode,
@@ -34,6 +36,10 @@ from processors.port import Batch, Handled, HoldBack
 from store import TRANSIENT_ERRORS, Group, PartitionStreams, Settle, StreamEntry
 
 log = logging.getLogger(__name__)
+
+
+class _RefusedError(Exception):
+    """Redis refused to take a workflow's end: the lifecycle stream is held back."""
 
 
 class Cleanup:
@@ -63,7 +69,7 @@ class Cleanup:
             for entry in batch.entries:
                 try:
                     settle = await self._handle(entry)
-                except NewerSchemaError as e:
+                except (NewerSchemaError, _RefusedError) as e:
                     held = HoldBack(entry.id, str(e))
                     break
                 done.append(settle)
@@ -87,11 +93,18 @@ class Cleanup:
         if isinstance(event, WorkflowTerminated):
             try:
                 receipts = await self._publisher.end_workflow(event)
-            except PublishError as e:
-                # Redis (some partition of it) failed or refused: retried with backoff,
-                # never counted as an attempt (the event itself is fine).
+            except (RedisUnavailableError, PublishOutcomeUnknownError) as e:
+                # Redis (some partition of it) is unreachable: retried with backoff, never
+                # counted as an attempt (the event itself is fine).
                 raise RedisConnectionError(
                     f"sending the end of workflow {event.payload.workflow_id} failed: {e}"
+                ) from e
+            except PublishError as e:
+                # Redis refused the XADDs (out of memory, an ACL user without access, a
+                # key of the wrong type): the lifecycle stream waits, and says why in
+                # `memstream status`, until that is fixed; then it goes on by itself.
+                raise _RefusedError(
+                    f"Redis refused the end of workflow {event.payload.workflow_id}: {e}"
                 ) from e
             log.info(
                 "workflow %s/%s %s: its end was sent to %d partitions",

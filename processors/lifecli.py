@@ -110,14 +110,22 @@ def register(main: click.Group) -> None:
     @main.command("acl")
     @click.option("--processor-user", default="memstream-processor", show_default=True)
     @click.option("--producer-user", default="memstream-producer", show_default=True)
-    def acl_cmd(processor_user: str, producer_user: str) -> None:
+    @click.option(
+        "--redis",
+        "redis_version",
+        type=click.Choice(["6.2", "7"]),
+        default="7",
+        show_default=True,
+        help="the server's major version (7 also denies FUNCTION)",
+    )
+    def acl_cmd(processor_user: str, producer_user: str, redis_version: str) -> None:
         """Print the ACL SETUSER commands of the Redis users memstream needs (for the
         namespace of MEMSTREAM_NAMESPACE): processors (and the CLI) get the namespace's
         keys and no administration; producers may only publish and wait for outcomes.
         Replace the passwords; connect with redis://USER:PASSWORD@host:port."""
         namespace = settings_from().namespace
         for user, rules in (
-            (processor_user, processor_rules(namespace)),
+            (processor_user, processor_rules(namespace, redis7=redis_version == "7")),
             (producer_user, producer_rules(namespace)),
         ):
             click.echo(" ".join(setuser(user, "CHANGE-ME", rules)))

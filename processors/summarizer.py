@@ -396,10 +396,13 @@ class Summarizer:
         await self._end(lease, requests, gen=requests[-1].gen, note="gave_up", resource=resource)
 
     def _flushed(self, plan: Plan, tokens_after: int, requests: int) -> None:
-        m, strategy = self._metrics, plan.strategy.value
-        m.flushes.labels(strategy, "applied").inc()
-        m.tokens_saved.labels(strategy).inc(max(0, plan.tokens_before - tokens_after))
-        m.settled(self.group.value, [("flush", "applied")] * requests)
+        try:  # the flush is applied: metrics never fail it
+            m, strategy = self._metrics, plan.strategy.value
+            m.flushes.labels(strategy, "applied").inc()
+            m.tokens_saved.labels(strategy).inc(max(0, plan.tokens_before - tokens_after))
+            m.settled(self.group.value, [("flush", "applied")] * requests)
+        except Exception:
+            log.exception("recording the metrics of a flush failed")
 
     async def _change(
         self,
@@ -476,9 +479,6 @@ class Summarizer:
             else next((r.strategy.value for r in reversed(requests) if r.strategy), None)
             or (resource.flushing.type.value if resource is not None else "unknown")
         )
-        m = self._metrics
-        m.flushes.labels(strategy, result).inc()
-        m.settled(self.group.value, [("flush", result)] * len(requests))
         letter = None
         if error is not None:
             # The letter keeps a manual flush request for the memory: replaying it
@@ -491,7 +491,6 @@ class Summarizer:
                 "source": self._flushes.stream(lease.partition),
                 "memory": memory_id,
             }
-            m.dead_letters.labels(self.group.value, "failed").inc()
         await self._flushes.finish(
             lease,
             memory_id,
@@ -504,6 +503,14 @@ class Summarizer:
             plan=plan.describe() if plan else None,
             letter=letter,
         )
+        try:  # recorded once the end is settled (a retried end is not counted twice)
+            m = self._metrics
+            m.flushes.labels(strategy, result).inc()
+            m.settled(self.group.value, [("flush", result)] * len(requests))
+            if letter is not None:
+                m.dead_letters.labels(self.group.value, "failed").inc()
+        except Exception:
+            log.exception("recording the metrics of a flush failed")
 
 
 def _valid_id(memory_id: str) -> bool:

@@ -11,8 +11,19 @@ tenant. Give each tenant its own API key at the HTTP gateway to separate them.
 
 from __future__ import annotations
 
-#: Commands every client needs to connect and run the scripts it loads.
-_CONNECT = ["+ping", "+hello", "+auth", "+select"]
+#: Commands every client needs to connect and run the scripts it loads (and, for a
+#: Redis Cluster, to learn the slots and follow redirections).
+_CONNECT = [
+    "+ping",
+    "+hello",
+    "+auth",
+    "+select",
+    "+cluster|slots",
+    "+cluster|nodes",
+    "+command",
+    "+asking",
+    "+readonly",
+]
 _SCRIPTS = ["+evalsha", "+script|load", "+script|exists", "+time"]
 
 
@@ -20,8 +31,9 @@ def producer_rules(namespace: str = "ms") -> list[str]:
     """A producer: publish events (and wait for their outcomes), nothing else.
 
     Keys: the ingest and lifecycle streams (XADD, and creating their consumer groups
-    before the first entry), the configuration (the partition count), outcomes and the
-    held-partition markers (read while waiting)."""
+    before the first entry); read only (no command that writes them is allowed): the
+    configuration (the partition count, which the processors store), outcomes,
+    held-partition markers and the ended workflows (read while waiting)."""
     ns = namespace
     return [
         "resetkeys",
@@ -32,20 +44,22 @@ def producer_rules(namespace: str = "ms") -> list[str]:
         "+xadd",
         "+xgroup|create",
         "+hget",
-        "+hsetnx",
         "+get",
+        "+zscore",
         f"~{ns}:ingest:*",
         f"~{ns}:lifecycle:*",
         f"~{ns}:config",
         f"~{ns}:out:*",
         f"~{ns}:held:*",
+        f"~{ns}:ended:*",
     ]
 
 
-def processor_rules(namespace: str = "ms") -> list[str]:
+def processor_rules(namespace: str = "ms", *, redis7: bool = True) -> list[str]:
     """A processor (any of them) and the operator's CLI: every key of the namespace,
     reads, writes, streams and scripts; no administration (CONFIG, SHUTDOWN, FLUSHALL,
-    KEYS, DEBUG, ...), no pub/sub."""
+    KEYS, DEBUG, ...), no pub/sub, and on Redis 7 no FUNCTION (server-wide). SCAN, which
+    `erase-tenant` needs, shows key names outside the namespace too."""
     return [
         "resetkeys",
         "resetchannels",
@@ -54,6 +68,7 @@ def processor_rules(namespace: str = "ms") -> list[str]:
         "+@write",
         "+@stream",
         "-@dangerous",
+        *(["-function"] if redis7 else []),
         *_CONNECT,
         "+eval",
         *_SCRIPTS,

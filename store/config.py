@@ -11,6 +11,9 @@ async def ensure_partitions(client: RedisClient, keys: Keys, default: int) -> in
     """The stored partition count, storing ``default`` first if none is set yet."""
     if default < 1:
         raise ValueError(f"partition count must be at least 1, got {default}")
+    value = await client.hget(keys.config, "partitions")
+    if value is not None:  # read first: a producer's ACL user may only read it
+        return int(value)
     await client.hsetnx(keys.config, "partitions", str(default))
     return await get_partitions(client, keys)
 

@@ -53,37 +53,66 @@ async def list_memories(
             if resource is not None
             else keys.tenant_index(p, tenant)
         )
-        offset = 0
-        while True:
-            now = int(time.time() * 1000)
-            found = await client.zrangebyscore(
-                index, f"({now}", "+inf", start=offset, num=page, withscores=True
-            )
-            for memory_id, deadline in (tuple(pair) for pair in found):
-                yield Listed(str(memory_id), p, int(deadline))
-            if len(found) < page:
-                break
-            offset += page
+        now = int(time.time() * 1000)
+        async for memory_id, deadline in _by_score(client, index, f"({now}", page):
+            yield Listed(memory_id, p, int(deadline))
+
+
+async def _by_score(
+    client: RedisClient, index: str, low: str, page: int
+) -> AsyncIterator[tuple[str, float]]:
+    """The members of a sorted set from score ``low`` up, a page at a time, each once:
+    every page continues after the last (score, member) given (keyset paging; a sorted
+    set orders ties by member), so members that expire or move meanwhile never make it
+    skip others."""
+    after: tuple[float, str] | None = None
+    ties = 0  # members given at the last score: at most this many to pass over
+    while True:
+        reply = await client.zrangebyscore(
+            index, low, "+inf", start=0, num=page + ties, withscores=True
+        )
+        found = [(float(pair[1]), str(pair[0])) for pair in reply]
+        fresh = [item for item in found if after is None or item > after][:page]
+        for score, member in fresh:
+            yield member, score
+        if len(found) < page + ties or not fresh:
+            return
+        last = fresh[-1]
+        same = sum(1 for score, _ in fresh if score == last[0])
+        ties = ties + same if after is not None and after[0] == last[0] else same
+        after, low = last, repr(last[0])
 
 
 async def _workflow_page(
     client: RedisClient, keys: Keys, p: int, tenant: str, workflow: str, page: int
 ) -> AsyncIterator[Listed]:
     index = keys.workflow_index(p, tenant, workflow)
-    offset = 0
-    while True:
-        names = [str(m) for m in await client.zrange(index, offset, offset + page - 1)]
-        if not names:
-            return
-        pipe = client.pipeline(transaction=False)
-        for memory_id in names:
-            pipe.pttl(keys.memory(p, memory_id).meta)
-        now = int(time.time() * 1000)
-        for memory_id, left in zip(names, await pipe.execute(), strict=True):
-            if int(left) >= 0:
-                yield Listed(memory_id, p, now + int(left))
-            elif int(left) == -1:
-                yield Listed(memory_id, p, None)
-        if len(names) < page:
-            return
-        offset += page
+    batch: list[str] = []
+    async for memory_id, _ in _by_score(client, index, "-inf", page):
+        batch.append(memory_id)
+        if len(batch) == page:
+            async for listed in _still_written(client, keys, p, workflow, batch):
+                yield listed
+            batch = []
+    async for listed in _still_written(client, keys, p, workflow, batch):
+        yield listed
+
+
+async def _still_written(
+    client: RedisClient, keys: Keys, p: int, workflow: str, names: list[str]
+) -> AsyncIterator[Listed]:
+    """The memories of ``names`` that the workflow still writes (a memory deleted or
+    expired, then written again by others, is no longer its)."""
+    if not names:
+        return
+    pipe = client.pipeline(transaction=False)
+    for memory_id in names:
+        meta = keys.memory(p, memory_id).meta
+        pipe.hexists(meta, f"wf:{workflow}")
+        pipe.pttl(meta)
+    replies = await pipe.execute()
+    now = int(time.time() * 1000)
+    for i, memory_id in enumerate(names):
+        writes, left = replies[2 * i], int(replies[2 * i + 1])
+        if writes:
+            yield Listed(memory_id, p, now + left if left >= 0 else None)

@@ -405,7 +405,9 @@ for i, op in ipairs(ops) do
   local status = d[1]
   if not (op.k == 'ended' and op.more) then ids[#ids + 1] = op.id end
   if op.k == 'ended' then
-    local t = apply_ended(op)
+    -- An end applied before has nothing left to do (its index is gone).
+    local t = (status == 'again') and {delete = 0, expire = 0, keep = 0, shared = 0}
+      or apply_ended(op)
     local detail = 'workflow ' .. op.wf .. ' ended: ' .. t.delete .. ' deleted, ' .. t.expire ..
       ' expiring, ' .. t.keep .. ' kept, ' .. t.shared .. ' still written by other workflows'
     if op.more then

@@ -19,12 +19,16 @@ from events import Publisher
 from memory import MemoryRef, ResourceRegistry, partition_for
 from processors import Appender, Worker
 from processors.accountant import Accountant
+from processors.cleanup import Cleanup
 from processors.tokenizers import Tokenizers
 from store import (
     Accounts,
+    Group,
     Keys,
     MemoryReader,
     MemoryStore,
+    PartitionStreams,
+    RedisClient,
     RedisServerProcess,
     Scripts,
     connect,
@@ -44,7 +48,8 @@ async def acl_server(
     """A server of its own (the ACL users are the test's), with the two users."""
     server = own_server(server_factory, tmp_path, str(request.param), appendonly=False)
     admin = connect(server.url)
-    await admin.execute_command(*setuser("memstream-processor", "p-secret", processor_rules()))
+    rules = processor_rules(redis7=request.param != "6.2")
+    await admin.execute_command(*setuser("memstream-processor", "p-secret", rules))
     await admin.execute_command(*setuser("agent-producer", "a-secret", producer_rules()))
     await admin.aclose()
     host = server.url.removeprefix("redis://")
@@ -93,8 +98,8 @@ async def test_the_pipeline_runs_under_the_acl_users(acl_server: tuple[str, str]
         for text in ("hello", "world"):
             published = await publisher.append(ref, user(text), workflow_id="wf-acl", wait=True)
             assert published.outcome is not None and published.outcome.ok, published.outcome
-        ended = await publisher.workflow_started("acme", "wf-acl")
-        assert ended.receipt is not None
+        started = await publisher.workflow_started("acme", "wf-acl")
+        assert started.receipt is not None
 
         reader = MemoryReader(worker_client, worker_scripts, keys)
         view = await reader.read(ref)
@@ -109,24 +114,31 @@ async def test_the_pipeline_runs_under_the_acl_users(acl_server: tuple[str, str]
             await asyncio.sleep(0.05)
         assert await counted()
 
-        # The producer reads no memory and writes nothing but events.
-        p = partition_for(ref.memory_id, PARTITIONS)
-        k = keys.memory(p, ref.memory_id)
-        with pytest.raises(NoPermissionError):
-            await producer_client.zrange(k.log, 0, -1)
-        with pytest.raises(NoPermissionError):
-            await producer_client.hset(keys.config, "partitions", "3")
-        with pytest.raises(NoPermissionError):
-            await producer_client.delete(keys.ingest(p))
-        with pytest.raises(ResponseError):  # NOPERM, raised inside the script
-            await producer_client.eval(f"return redis.call('DEL', '{k.log}')", 0)
-        with pytest.raises(NoPermissionError):
-            await producer_client.config_get("*")
-        # ... nor can the processors administer the server.
-        with pytest.raises(NoPermissionError):
-            await worker_client.config_set("maxmemory", "1")
-        with pytest.raises(NoPermissionError):
-            await worker_client.flushall()
+        # The engine's end of a workflow, waited for under the producer user.
+        workers.append(
+            Worker(
+                worker_client,
+                worker_scripts,
+                keys,
+                Cleanup(
+                    Publisher(worker_client, keys=keys, scripts=worker_scripts),
+                    PartitionStreams(worker_client, worker_scripts, keys, Group.CLEANUP),
+                ),
+                1,
+                FAST,
+                "cleanup",
+            )
+        )
+        tasks.append(asyncio.create_task(workers[-1].run(stop)))
+        ended = await publisher.workflow_terminated("acme", "wf-acl", wait=True)
+        assert ended.outcome is not None and ended.outcome.ok, ended.outcome
+        late = await publisher.append(ref, user("late"), workflow_id="wf-acl", wait=True)
+        assert late.outcome is not None and late.outcome.reason == "workflow_ended"
+
+        await check_refusals(producer_client, worker_client, keys, ref)
+        if "6.2" not in (await worker_client.info("server"))["redis_version"][:3]:
+            with pytest.raises(NoPermissionError):
+                await worker_client.execute_command("FUNCTION", "FLUSH")
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
     finally:
@@ -134,9 +146,32 @@ async def test_the_pipeline_runs_under_the_acl_users(acl_server: tuple[str, str]
         await producer_client.aclose()
 
 
-async def test_memstream_acl_prints_commands_the_server_accepts(
-    server_factory: list[RedisServerProcess], tmp_path: Path
+async def check_refusals(
+    producer_client: RedisClient, worker_client: RedisClient, keys: Keys, ref: MemoryRef
 ) -> None:
+    # The producer reads no memory and writes nothing but events.
+    p = partition_for(ref.memory_id, PARTITIONS)
+    k = keys.memory(p, ref.memory_id)
+    with pytest.raises(NoPermissionError):
+        await producer_client.zrange(k.log, 0, -1)
+    with pytest.raises(NoPermissionError):
+        await producer_client.hset(keys.config, "partitions", "3")
+    with pytest.raises(NoPermissionError):
+        await producer_client.hsetnx(keys.outcomes(p, "1-0"), "1-0", "{}")
+    with pytest.raises(NoPermissionError):
+        await producer_client.delete(keys.ingest(p))
+    with pytest.raises(ResponseError):  # NOPERM, raised inside the script
+        await producer_client.eval(f"return redis.call('DEL', '{k.log}')", 0)
+    with pytest.raises(NoPermissionError):
+        await producer_client.config_get("*")
+    # ... nor can the processors administer the server.
+    with pytest.raises(NoPermissionError):
+        await worker_client.config_set("maxmemory", "1")
+    with pytest.raises(NoPermissionError):
+        await worker_client.flushall()
+
+
+async def acl_lines(version: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
     memstream = str(Path(sys.executable).with_name("memstream"))
     proc = await asyncio.create_subprocess_exec(
@@ -144,16 +179,24 @@ async def test_memstream_acl_prints_commands_the_server_accepts(
         "acl",
         "--producer-user",
         "p1",
+        "--redis",
+        version,
         env={**env, "MEMSTREAM_NAMESPACE": "tenantns"},
         stdout=asyncio.subprocess.PIPE,
     )
     stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0
-    out = stdout.decode()
-    lines = out.splitlines()
-    assert len(lines) == 2 and all(line.startswith("ACL SETUSER ") for line in lines)
-    assert "~tenantns:ingest:*" in lines[1] and " p1 " in lines[1]
+    return stdout.decode().splitlines()
+
+
+async def test_memstream_acl_prints_commands_the_server_accepts(
+    server_factory: list[RedisServerProcess], tmp_path: Path
+) -> None:
     for flavour in sorted(FLAVOURS):
+        lines = await acl_lines("6.2" if flavour == "6.2" else "7")
+        assert len(lines) == 2 and all(line.startswith("ACL SETUSER ") for line in lines)
+        assert "~tenantns:ingest:*" in lines[1] and " p1 " in lines[1]
+        assert ("-function" in lines[0]) == (flavour != "6.2")
         server = own_server(server_factory, tmp_path / flavour, flavour, appendonly=False)
         admin = connect(server.url)
         try:

@@ -490,3 +490,76 @@ async def test_a_failing_send_of_an_end_is_retried_never_dead_lettered(
     assert not (await rig.reader.read(ref)).exists
     assert [f for _, f in await rig.client.xrange(rig.keys.dlq(0))] == []
     assert await rig.client.hlen(rig.keys.attempts(0, "cleanup")) == 0
+
+
+async def test_ls_pages_never_skip_a_memory_when_others_leave_the_index(
+    lifecycle_rig: Rig,
+) -> None:
+    rig = lifecycle_rig
+    memories = refs("wf-keep", "paged", 24, tenant="pager")
+    for ref in memories:
+        await write(rig, ref, "x", "wf-p")
+    by_partition: dict[int, list[str]] = {}
+    for ref in memories:
+        by_partition.setdefault(partition_for(ref.memory_id, PARTITIONS), []).append(ref.memory_id)
+    p, ids = max(by_partition.items(), key=lambda item: len(item[1]))
+    assert len(ids) >= 4
+    listing = list_memories(rig.client, rig.keys, "pager", page=2)
+    seen = []
+    async for listed in listing:
+        seen.append(listed.memory_id)
+        if listed.partition == p and len([s for s in seen if s in ids]) == 2:
+            # The first page of p is out: what it listed leaves the index (as an expired
+            # memory does); the next page must still start after it.
+            await rig.client.zrem(rig.keys.tenant_index(p, "pager"), *seen[-2:])
+    assert sorted(seen) == sorted(r.memory_id for r in memories)
+    writers = {
+        m.memory_id
+        async for m in list_memories(rig.client, rig.keys, "pager", workflow="wf-p", page=3)
+    }
+    assert writers == {r.memory_id for r in memories}
+
+
+async def test_an_end_spelt_with_json_escapes_is_applied_like_any_other(
+    lifecycle_rig: Rig,
+) -> None:
+    rig = lifecycle_rig
+    ref = MemoryRef("acme", "wf-delete", "escaped")
+    await write(rig, ref, "x", "wf-esc")
+    p = partition_for(ref.memory_id, PARTITIONS)
+    text = (
+        '{"schema_version":3,"type":"workflow\\u002eended","tenant":"acme",'
+        '"payload":{"workflow_id":"wf-esc","status":"completed","partition":' + str(p) + "}}"
+    )
+    entry = await rig.client.xadd(rig.keys.ingest(p), {"event": text})
+    outcome = await rig.reader.wait_applied(p, entry)
+    assert outcome.status.value == "applied", outcome
+    assert not (await rig.reader.read(ref)).exists
+
+
+async def test_a_refused_end_holds_the_lifecycle_stream_until_fixed(
+    lifecycle_rig: Rig,
+) -> None:
+    rig = lifecycle_rig
+    ref = MemoryRef("acme", "wf-delete", "held-end")
+    await write(rig, ref, "x", "wf-h")
+    # A key of the wrong type where partition 2's ingest stream should be.
+    parked = rig.keys.ingest(2) + ":parked"  # the same hash tag: one slot
+    await rig.client.rename(rig.keys.ingest(2), parked)
+    await rig.client.set(rig.keys.ingest(2), "not a stream")
+    try:
+        await rig.publisher.workflow_terminated("acme", "wf-h")
+
+        async def held() -> bool:
+            return bool(await rig.client.get(rig.keys.held(0, "cleanup")))
+
+        await rig.eventually(held, what="the lifecycle stream held back")
+        assert "refused the end of workflow wf-h" in str(
+            await rig.client.get(rig.keys.held(0, "cleanup"))
+        )
+        assert [f for _, f in await rig.client.xrange(rig.keys.dlq(0))] == []
+    finally:
+        await rig.client.delete(rig.keys.ingest(2))
+        await rig.client.rename(parked, rig.keys.ingest(2))
+    await rig.publisher.wait_ended("acme", "wf-h", timeout=20)
+    assert not (await rig.reader.read(ref)).exists
