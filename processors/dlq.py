@@ -45,7 +45,7 @@ def list_letters(partition: int | None, count: int, as_json_out: bool) -> None:
 @click.argument("partition", type=int)
 @click.argument("letter_id")
 def replay(partition: int, letter_id: str) -> None:
-    """Re-publish dead letter LETTER_ID of PARTITION to its ingest stream."""
+    """Re-publish dead letter LETTER_ID of PARTITION to its stream (ingest, or lifecycle)."""
 
     async def go() -> None:
         async with App(settings_from()) as app:
