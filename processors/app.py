@@ -124,6 +124,24 @@ class App:
         paths = [p for p in self.settings.resource_paths() if p.exists()]
         return ResourceRegistry.load(paths) if paths else None
 
+    def publisher(
+        self, registry: ResourceRegistry | None = None, *, resources: bool = True
+    ) -> Publisher:
+        """A publisher with the settings' partition count and request limits; it applies
+        the privacy policies of ``registry``, else (with ``resources``) of the resource
+        files found, if any (see ``registry_if_present``)."""
+        s = self.settings
+        if registry is None and resources:
+            registry = self.registry_if_present()
+        return Publisher(
+            self.client,
+            keys=self.keys,
+            scripts=self.scripts,
+            default_partitions=s.partitions,
+            limits=s.limits(),
+            registry=registry,
+        )
+
     def reader(self) -> MemoryReader:
         return MemoryReader(self.client, self.scripts, self.keys)
 
@@ -180,11 +198,8 @@ class App:
     async def cleanup(self, worker_id: str | None = None) -> Worker:
         """The lifecycle stream's worker: one partition, so one leaseholder at a time."""
         s = self.settings
-        publisher = Publisher(
-            self.client, keys=self.keys, scripts=self.scripts, default_partitions=s.partitions
-        )
         processor = Cleanup(
-            publisher,
+            self.publisher(resources=False),
             PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP),
             outcome_ttl_ms=int(s.outcome_ttl * 1000),
             max_event_bytes=s.max_event_bytes,

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from events import (
     DecodeError,
-    FlushRequested,
     MemoryCleared,
     MemoryDeleted,
     MemoryEvent,
@@ -23,6 +22,7 @@ from events import (
     decode,
 )
 from events.codec import DEFAULT_MAX_EVENT_BYTES, Decoded, printable
+from events.envelope import MEMORY_EVENT_TYPES
 from events.limits import RequestLimits
 from memory import MemoryResource, Message, PrivacyPolicy, ResourceRegistry, partition_for
 from processors.metrics import Metrics
@@ -267,7 +267,7 @@ class Appender:
                 return
             self._end(ops, entry_id, event, found)
             return
-        if not isinstance(event, MEMORY_EVENTS):
+        if not isinstance(event, MEMORY_EVENT_TYPES):
             refuse("wrong_stream", f"{event.type} events belong on the lifecycle stream")
             return
         ref = event.ref
@@ -402,16 +402,6 @@ class Appender:
             if event.payload.strategy:
                 fields["strategy"] = event.payload.strategy.value
             ops.command("flush", target, fields)
-
-
-MEMORY_EVENTS = (
-    MessageAppended,
-    MemoryCleared,
-    MemoryDeleted,
-    MemoryReplaced,
-    FlushRequested,
-    MessageErased,
-)
 
 
 def resource_of(raw: str) -> str | None:

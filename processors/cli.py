@@ -14,7 +14,6 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from events import Publisher
 from events.schema import event_schema_text
 from memory import AgentResource, DomainError, MemoryRef, MemoryResource, Message, Role
 from processors import dlq as dead_letters
@@ -194,15 +193,7 @@ async def publish(
         raise click.BadParameter(e.errors()[0]["msg"]) from e
     settings = settings_from()
     async with App(settings) as app:
-        publisher = Publisher(
-            app.client,
-            keys=app.keys,
-            scripts=app.scripts,
-            default_partitions=settings.partitions,
-            limits=settings.limits(),
-            registry=app.registry_if_present(),
-        )
-        published = await publisher.append(
+        published = await app.publisher().append(
             memory,
             message,
             workflow_id=workflow_id,

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import click
 
-from events import Publisher
 from memory import FlushStrategy, MemoryRef
 from memory.flush import plan_flush
 from processors.app import App
@@ -59,13 +58,7 @@ async def flush_memory(
             plan = plan_flush(counted(snapshot, counter), resource, chosen)
             click.echo(json.dumps(plan.describe()) if as_json else _describe(plan.describe()))
             return
-        publisher = Publisher(
-            app.client,
-            keys=app.keys,
-            scripts=app.scripts,
-            default_partitions=settings.partitions,
-            registry=registry,
-        )
+        publisher = app.publisher(registry)
         started = int(time.time() * 1000)
         published = await publisher.request_flush(
             memory, strategy=chosen, wait=True, timeout=timeout

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import click
 
-from events import Publisher, WorkflowStatus
+from events import WorkflowStatus
 from memory.ref import check_resource_id, check_tenant
 from processors.app import App
 from processors.clitools import EXIT_REFUSED, command, settings_from
@@ -42,9 +42,7 @@ async def workflow_event(
 ) -> None:
     settings = settings_from()
     async with App(settings) as app:
-        publisher = Publisher(
-            app.client, keys=app.keys, scripts=app.scripts, default_partitions=settings.partitions
-        )
+        publisher = app.publisher(resources=False)
         if kind == "started":
             published = await publisher.workflow_started(
                 tenant, workflow_id, wait=wait, timeout=timeout

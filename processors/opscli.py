@@ -48,15 +48,7 @@ def read_messages(path: str) -> list[Message]:
 
 
 def _publisher(app: App) -> Publisher:
-    s = app.settings
-    return Publisher(
-        app.client,
-        keys=app.keys,
-        scripts=app.scripts,
-        default_partitions=s.partitions,
-        limits=s.limits(),
-        registry=app.registry_if_present(),
-    )
+    return app.publisher()
 
 
 def _report(what: str, outcomes: Sequence[Outcome | None], as_json: bool) -> None:

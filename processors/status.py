@@ -10,6 +10,7 @@ from redis.exceptions import ResponseError
 
 from store import TOPIC_GROUPS, Group, Keys, LeaseHolder, RedisClient, Scripts, get_partitions
 from store.keys import SINGLE_PARTITION_TOPICS
+from store.streams import group_lag
 
 LAG_CAP = 10_000
 
@@ -42,14 +43,6 @@ def _kv(flat: list[Any]) -> dict[str, Any]:
     return {str(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
 
 
-async def _lag(client: RedisClient, stream: str, group: dict[str, Any]) -> int:
-    if group.get("lag") is not None:  # Redis 7 keeps it
-        return int(group["lag"])
-    last = str(group.get("last-delivered-id", "0-0"))
-    entries = await client.xrange(stream, min=f"({last}" if last != "0-0" else "-", count=LAG_CAP)
-    return len(entries or [])
-
-
 async def group_status(
     client: RedisClient, scripts: Scripts, keys: Keys, group: Group, member_ttl_ms: int
 ) -> GroupStatus:
@@ -80,7 +73,7 @@ async def group_status(
             g = info if isinstance(info, dict) else _kv(info)
             if g.get("name") == group.value:
                 pending = int(g.get("pending", 0))
-                lag = await _lag(client, stream, g)
+                lag = await group_lag(client, stream, g, LAG_CAP)
         rows.append(
             PartitionStatus(
                 partition=p,
