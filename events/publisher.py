@@ -545,6 +545,7 @@ class Publisher:
         *,
         agent_id: str | None = None,
         workflow_id: str | None = None,
+        idempotency_key: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
@@ -552,7 +553,7 @@ class Publisher:
         payload = ReplacePayload(
             memory=_name(ref), agent_id=agent_id, workflow_id=workflow_id, messages=list(messages)
         )
-        event = MemoryReplaced(tenant=ref.tenant, payload=payload)
+        event = MemoryReplaced(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
     async def clear(
@@ -562,6 +563,7 @@ class Publisher:
         agent_id: str | None = None,
         workflow_id: str | None = None,
         backup: bool = False,
+        idempotency_key: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
@@ -570,7 +572,7 @@ class Publisher:
         payload = ClearPayload(
             memory=_name(ref), agent_id=agent_id, workflow_id=workflow_id, backup=backup
         )
-        event = MemoryCleared(tenant=ref.tenant, payload=payload)
+        event = MemoryCleared(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
     async def delete(
@@ -579,11 +581,12 @@ class Publisher:
         *,
         agent_id: str | None = None,
         workflow_id: str | None = None,
+        idempotency_key: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
         payload = MemoryPayload(memory=_name(ref), agent_id=agent_id, workflow_id=workflow_id)
-        event = MemoryDeleted(tenant=ref.tenant, payload=payload)
+        event = MemoryDeleted(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
     async def erase(
@@ -593,6 +596,7 @@ class Publisher:
         *,
         agent_id: str | None = None,
         workflow_id: str | None = None,
+        idempotency_key: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
@@ -601,7 +605,7 @@ class Publisher:
         payload = ErasePayload(
             memory=_name(ref), seq=seq, agent_id=agent_id, workflow_id=workflow_id
         )
-        event = MessageErased(tenant=ref.tenant, payload=payload)
+        event = MessageErased(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
     async def request_flush(
@@ -612,6 +616,7 @@ class Publisher:
         dry_run: bool = False,
         agent_id: str | None = None,
         workflow_id: str | None = None,
+        idempotency_key: str | None = None,
         wait: bool = False,
         timeout: float = 10.0,
     ) -> Published:
@@ -622,7 +627,7 @@ class Publisher:
             agent_id=agent_id,
             workflow_id=workflow_id,
         )
-        event = FlushRequested(tenant=ref.tenant, payload=payload)
+        event = FlushRequested(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
 

@@ -373,8 +373,15 @@ class Appender:
     ) -> None:
         workflow_id, agent_id = event.payload.workflow_id, event.payload.agent_id
 
+        # The ids stored with each message are redacted like its text (the workflow's
+        # own bookkeeping keeps the id it was given: it names the workflow's index).
+        shown_workflow = policy.redact_text(workflow_id) if workflow_id else None
+        shown_agent = policy.redact_text(agent_id) if agent_id else None
+
         def stored(message: Message) -> str:
-            return message_text(policy.redact(message), workflow_id=workflow_id, agent_id=agent_id)
+            return message_text(
+                policy.redact(message), workflow_id=shown_workflow, agent_id=shown_agent
+            )
 
         if isinstance(event, MessageAppended):
             message = event.payload.message

@@ -138,6 +138,19 @@ class Metrics:
             registry=r,
         )
 
+        self.gateway_requests = Counter(
+            "memstream_gateway_requests_total",
+            "HTTP gateway requests, by method, route template and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.gateway_seconds = Histogram(
+            "memstream_gateway_request_seconds",
+            "HTTP gateway request durations, by method and route template",
+            ["method", "route"],
+            registry=r,
+        )
+
     def settled(self, processor: str, outcomes: Iterable[tuple[str, str]]) -> None:
         """Count settled entries: (op kind, outcome) pairs."""
         for kind, outcome in outcomes:

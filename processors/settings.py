@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         default=None, ge=1, le=65535, description="serve Prometheus metrics on this port"
     )
     metrics_addr: str = Field(default="0.0.0.0", description="the metrics server's address")
+    gateway_host: str = Field(default="127.0.0.1", description="the HTTP gateway's address")
+    gateway_port: int = Field(default=8080, ge=1, le=65535, description="the HTTP gateway's port")
+    gateway_max_body_bytes: int = Field(
+        default=8 * 1024 * 1024 + 64 * 1024,
+        ge=1024,
+        description="largest request body the HTTP gateway reads (413 above it)",
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["text", "json"] = Field(default="text", description="text or json lines")
 

@@ -91,6 +91,25 @@ async def test_the_appender_redacts_for_producers_that_skip_the_sdk(rig: Rig) ->
     assert SSN not in await namespace_dump(rig)
 
 
+async def test_the_ids_stored_with_a_message_are_redacted_too(rig: Rig) -> None:
+    rig.start("w1")
+    name = MemoryName(resource=SUPPORT.resource, key="privacy-ids")
+    event = MessageAppended(
+        tenant=SUPPORT.tenant,
+        payload=AppendPayload(
+            memory=name,
+            message=user("hello"),
+            workflow_id="wf for jane@example.com",
+            agent_id="agent of joe@example.com",
+        ),
+    )
+    published = await rig.publisher.publish(event, wait=True)
+    assert published.outcome is not None and published.outcome.ok
+    view = await rig.reader.read(MemoryRef(SUPPORT.tenant, SUPPORT.resource, "privacy-ids"))
+    (stored,) = view.messages
+    assert (stored.workflow, stored.agent) == ("wf for [REDACTED]", "agent of [REDACTED]")
+
+
 async def _ingest_empty(rig: Rig, p: int) -> bool:
     return int(await rig.client.xlen(rig.keys.ingest(p))) == 0
 

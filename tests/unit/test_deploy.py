@@ -52,16 +52,19 @@ def test_compose_runs_every_processor_with_metrics_and_mounts_files_that_exist()
     targets = {
         t for c in prometheus["scrape_configs"] for s in c["static_configs"] for t in s["targets"]
     }
-    assert targets == {f"{name}:9464" for name in PROCESSOR_TYPES}
+    assert targets == {f"{name}:9464" for name in PROCESSOR_TYPES} | {"gateway:8080"}
+    gateway = services["gateway"]["command"]
+    assert gateway[:2] == ["memstream", "gateway"] and gateway[-2:] == ["--port", "8080"]
 
 
 def test_the_procfile_has_one_process_type_per_processor_and_all() -> None:
     from honcho.environ import parse_procfile
 
     procfile = parse_procfile((ROOT / "Procfile").read_text())
-    assert list(procfile.processes) == [*PROCESSOR_TYPES, "all"]
+    assert list(procfile.processes) == [*PROCESSOR_TYPES, "all", "gateway"]
     for name, command in procfile.processes.items():
-        assert command.startswith(f"memstream run {name} ")
+        prefix = "memstream gateway " if name == "gateway" else f"memstream run {name} "
+        assert command.startswith(prefix)
 
 
 def test_the_alert_rules_are_well_formed() -> None:

@@ -1,0 +1,219 @@
+"""The HTTP gateway: memstream over REST for agents in any language.
+
+Every request but ``/healthz``, ``/metrics`` and the OpenAPI document carries an API key
+(``Authorization: Bearer msk_...`` or ``X-API-Key``), and the key alone decides the
+tenant: no path or body names one, so a tenant can never reach another's memories.
+Bodies are limited in size before they are read whole (413), and every change travels
+as an event through its memory's partition, like the SDK's."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from events.errors import (
+    PartiallyPublishedError,
+    PublishError,
+    PublishOutcomeUnknownError,
+    ReadOnlyError,
+    RedisUnavailableError,
+)
+from memory import DomainError, UnknownResourceError
+from processors.app import App
+from processors.gatewayroutes import GatewayError, router
+from processors.settings import Settings
+from store import TRANSIENT_ERRORS, GenerationChangedError, OutcomeMismatchError, WaitTimeoutError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes with 413: at once by its
+    Content-Length, else (chunked) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._refuse(send)
+            return
+        chunks: list[bytes] = []
+        seen = 0
+        while True:  # chunked: read it all (up to the limit), then hand it over
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([], message), send)
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], None, receive), send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = JSONResponse(
+            {
+                "error": "too_large",
+                "detail": f"the request body is over the {self.limit}-byte limit "
+                f"(MEMSTREAM_GATEWAY_MAX_BODY_BYTES); send fewer or smaller messages",
+            },
+            status_code=413,
+        )
+        await body({"type": "http"}, _no_receive, send)
+
+
+def _replay(
+    messages: list[Message], last: Message | None, receive: Receive | None = None
+) -> Receive:
+    """A receive that gives ``messages`` first, then ``last`` (or what ``receive``
+    gives: the disconnect the application may wait for)."""
+    queue = list(messages)
+
+    async def replayed() -> Message:
+        if queue:
+            return queue.pop(0)
+        if last is not None:
+            return last
+        assert receive is not None
+        return await receive()
+
+    return replayed
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _error(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+def _errors(api: FastAPI) -> None:
+    """Map every expected error to a status and a JSON body that says what to do."""
+
+    table: list[tuple[type[Exception], int, str]] = [
+        (UnknownResourceError, 404, "unknown_resource"),
+        (DomainError, 400, "invalid"),
+        (GenerationChangedError, 409, "generation_changed"),
+        (WaitTimeoutError, 504, "timeout"),
+        (OutcomeMismatchError, 503, "lost"),
+        (ReadOnlyError, 403, "read_only"),
+        (RedisUnavailableError, 503, "unavailable"),
+        (PublishOutcomeUnknownError, 503, "outcome_unknown"),
+        (PartiallyPublishedError, 503, "partially_published"),
+        (PublishError, 422, "refused"),
+    ]
+
+    @api.exception_handler(GatewayError)
+    async def gateway_error(request: Request, e: GatewayError) -> JSONResponse:
+        return _error(e.status, e.error, e.detail)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        # Only where and what: never the input back (it may be megabytes, or bytes).
+        errors = [
+            {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))}
+            for err in e.errors()
+        ] or [{"loc": [], "msg": "invalid request"}]
+        first = errors[0]
+        hint = ""
+        if request.headers.get("content-type", "").split(";")[0] != "application/json":
+            hint = " (send the body as JSON with Content-Type: application/json)"
+        return JSONResponse(
+            {
+                "error": "invalid",
+                "detail": f"{'.'.join(first['loc'])}: {first['msg']}{hint}",
+                "errors": errors,
+            },
+            status_code=422,
+        )
+
+    for kind, status, error in table:
+
+        async def handler(
+            request: Request, e: Exception, status: int = status, error: str = error
+        ) -> JSONResponse:
+            return _error(status, error, str(e))
+
+        api.add_exception_handler(kind, handler)
+
+    async def unreachable(request: Request, e: Exception) -> JSONResponse:
+        return _error(503, "unavailable", f"Redis is unreachable: {e}")
+
+    for transient in TRANSIENT_ERRORS:
+        api.add_exception_handler(transient, unreachable)
+
+
+def create_gateway(settings: Settings, *, start_embedded: bool = True) -> ASGIApp:
+    """The gateway as an ASGI application; it opens its Redis connection on startup."""
+
+    @asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        async with App(settings, start_embedded=start_embedded) as app:
+            api.state.app = app
+            api.state.registry = app.registry()
+            api.state.publisher = app.publisher(api.state.registry)
+            yield
+            await api.state.publisher.reader.touches_done()
+
+    api = FastAPI(
+        title="memstream gateway",
+        version="1",
+        summary="Shared, token-budgeted conversation memory for LLM agents, over HTTP.",
+        lifespan=lifespan,
+    )
+    _errors(api)
+
+    @api.middleware("http")
+    async def measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics = request.app.state.app.metrics
+        metrics.gateway_requests.labels(request.method, template, str(response.status_code)).inc()
+        metrics.gateway_seconds.labels(request.method, template).observe(
+            time.perf_counter() - started
+        )
+        return response
+
+    @api.get("/healthz", tags=["service"], summary="Liveness: the gateway reaches Redis")
+    async def healthz(request: Request) -> JSONResponse:
+        try:
+            await request.app.state.app.client.ping()
+        except TRANSIENT_ERRORS as e:
+            return _error(503, "unavailable", f"Redis is unreachable: {e}")
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/metrics", tags=["service"], summary="Prometheus metrics of the gateway")
+    async def metrics(request: Request) -> Response:
+        registry = request.app.state.app.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    api.include_router(router)
+    return BodyLimit(api, settings.gateway_max_body_bytes)

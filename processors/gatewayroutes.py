@@ -1,0 +1,534 @@
+"""The gateway's REST routes (``/v1``). The tenant of every route is its API key's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from events import Publisher
+from events.envelope import (
+    AppendPayload,
+    MemoryName,
+    MessageAppended,
+    WorkflowStatus,
+)
+from events.publisher import Published, Receipt
+from memory import FlushStrategy, MemoryRef, Message, StoredMessage
+from processors.health import health_of
+from processors.opscli import memory_stats
+from processors.tokenizers import Tokenizers
+from store import Outcome, WaitTimeoutError, list_memories
+from store.apikeys import ApiKey, ApiKeys
+
+MAX_WAIT = 60.0
+_bearer = HTTPBearer(auto_error=False, description="an API key: Bearer msk_...")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key: msk_...")
+
+
+class GatewayError(Exception):
+    """An error answered with ``status`` and a JSON body ``{"error", "detail"}``."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+async def tenant_key(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header: Annotated[str | None, Depends(_header)],
+) -> ApiKey:
+    """The API key of the request (its tenant), or 401."""
+    secret = bearer.credentials if bearer is not None else header
+    if not secret:
+        raise GatewayError(401, "unauthorized", "send an API key: Authorization: Bearer msk_...")
+    app = request.app.state.app
+    found = await ApiKeys(app.client, app.keys).authenticate(secret)
+    if found is None:
+        raise GatewayError(401, "unauthorized", "this API key is unknown or revoked")
+    return found
+
+
+Tenant = Annotated[ApiKey, Depends(tenant_key)]
+StoredKey = Annotated[
+    bool, Query(description="KEY is the stored (sanitized) key, not the rendered one")
+]
+Wait = Annotated[
+    bool, Query(description="wait for the outcome (applied, or refused and why) before answering")
+]
+Timeout = Annotated[float, Query(gt=0, le=MAX_WAIT, description="longest wait, in seconds")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=200,
+        description="a repeat with the same key is applied once (a batch of n uses key:0 "
+        "... key:n-1)",
+    ),
+]
+
+router = APIRouter(prefix="/v1", tags=["memories"])
+
+
+class Writer(BaseModel):
+    workflow_id: str | None = Field(default=None, max_length=200)
+    agent_id: str | None = Field(default=None, max_length=200)
+
+
+class MessagesIn(Writer):
+    messages: list[Message] = Field(min_length=1)
+
+
+class ReplaceIn(Writer):
+    messages: list[Message]
+
+
+class ClearIn(Writer):
+    backup: bool = False
+
+
+class EraseIn(Writer):
+    seq: int = Field(ge=1)
+
+
+class FlushIn(Writer):
+    strategy: FlushStrategy | None = None
+    dry_run: bool = False
+
+
+class TerminatedIn(BaseModel):
+    status: WorkflowStatus = WorkflowStatus.COMPLETED
+
+
+class ReceiptOut(BaseModel):
+    partition: int
+    entry_id: str
+    event_id: str
+    idempotency_key: str
+    token: str = Field(description="read-your-writes token: <partition>/<entry id>")
+
+
+class OutcomeOut(BaseModel):
+    status: str
+    reason: str | None = None
+    detail: str | None = None
+    seq: int | None = None
+    gen: int | None = None
+    dead_letter: str | None = None
+    backup: str | None = None
+
+
+class ResultOut(BaseModel):
+    receipt: ReceiptOut | None = Field(description="None: the privacy policy kept it out")
+    outcome: OutcomeOut | None = Field(description="None: not waited for, or not known yet")
+
+
+class PublishedOut(BaseModel):
+    """200: every event applied; 202: published, some outcomes not known (not waited
+    for, or not within the timeout); 409: some refused (see their outcomes)."""
+
+    results: list[ResultOut]
+    applied: int
+    refused: int
+    pending: int
+
+
+class MemoryOut(BaseModel):
+    memory: str
+    partition: int
+    exists: bool
+    generation: int
+    count: int
+    tokens: int
+    messages: list[StoredMessage]
+    next_after: int | None = Field(description="pass as after= for the next page")
+    budget: int | None = None
+    window_tokens: int | None = None
+    over_budget: bool | None = None
+
+
+def ref_of(key: ApiKey, resource: str, memory_key: str, stored: bool) -> MemoryRef:
+    if stored:
+        return MemoryRef(key.tenant, resource, memory_key)
+    return MemoryRef.from_raw(key.tenant, resource, memory_key)
+
+
+def _receipt(r: Receipt) -> ReceiptOut:
+    return ReceiptOut(
+        partition=r.partition,
+        entry_id=r.entry_id,
+        event_id=r.event_id,
+        idempotency_key=r.idempotency_key,
+        token=r.token,
+    )
+
+
+def _outcome(o: Outcome) -> OutcomeOut:
+    return OutcomeOut(
+        status=o.status.value,
+        reason=o.reason,
+        detail=o.detail,
+        seq=o.seq,
+        gen=o.gen,
+        dead_letter=o.dead_letter,
+        backup=o.backup,
+    )
+
+
+async def _outcomes(
+    publisher: Publisher, published: list[Published], timeout: float
+) -> list[Outcome | None]:
+    """Each published event's outcome: all of them, or on timeout the ones known."""
+    receipts = [(i, p.receipt) for i, p in enumerate(published) if p.receipt is not None]
+    found: list[Outcome | None] = [p.outcome for p in published]
+    if not receipts:
+        return found
+    waited: Sequence[Outcome | None]
+    try:
+        waited = await publisher.reader.wait_applied_many(
+            [(r.partition, r.entry_id, r.event_id) for _, r in receipts], timeout
+        )
+    except WaitTimeoutError:
+        waited = [await publisher.reader.outcome(r.partition, r.entry_id) for _, r in receipts]
+    for (i, _), outcome in zip(receipts, waited, strict=True):
+        found[i] = outcome
+    return found
+
+
+async def respond(
+    publisher: Publisher, published: list[Published], wait: bool, timeout: float
+) -> JSONResponse:
+    """The receipts, and (with ``wait``) the outcomes, of published events."""
+    outcomes = (
+        await _outcomes(publisher, published, timeout) if wait else [p.outcome for p in published]
+    )
+    results = [
+        ResultOut(
+            receipt=_receipt(p.receipt) if p.receipt else None,
+            outcome=_outcome(o) if o else None,
+        )
+        for p, o in zip(published, outcomes, strict=True)
+    ]
+    refused = sum(1 for o in outcomes if o is not None and not o.ok)
+    pending = sum(1 for o in outcomes if o is None)
+    body = PublishedOut(
+        results=results, applied=len(outcomes) - refused - pending, refused=refused, pending=pending
+    )
+    status = 409 if refused else 202 if pending else 200
+    return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+
+def _publisher(request: Request) -> Publisher:
+    publisher: Publisher = request.app.state.publisher
+    return publisher
+
+
+Memory = "/memories/{resource}/{key}"
+
+
+@router.post(Memory + "/messages", response_model=PublishedOut, summary="Append messages")
+async def append(
+    request: Request,
+    tenant: Tenant,
+    resource: str,
+    key: str,
+    body: MessagesIn,
+    idempotency_key: IdempotencyKey = None,
+    stored_key: StoredKey = False,
+    wait: Wait = True,
+    timeout: Timeout = 10.0,
+) -> JSONResponse:
+    """Append messages in order, in one round trip (one event each)."""
+    ref = ref_of(tenant, resource, key, stored_key)
+    name = MemoryName(resource=ref.resource, key=ref.key)
+    n = len(body.messages)
+    events = [
+        MessageAppended(
+            tenant=ref.tenant,
+            idempotency_key=None if idempotency_key is None else _nth(idempotency_key, i, n),
+            payload=AppendPayload(
+                memory=name, workflow_id=body.workflow_id, agent_id=body.agent_id, message=m
+            ),
+        )
+        for i, m in enumerate(body.messages)
+    ]
+    publisher = _publisher(request)
+    return await respond(publisher, await publisher.publish_many(events), wait, timeout)
+
+
+def _nth(key: str, i: int, n: int) -> str:
+    return key if n == 1 else f"{key}:{i}"
+
+
+@router.put(Memory, response_model=PublishedOut, summary="Replace the whole memory")
+async def replace(
+    request: Request,
+    tenant: Tenant,
+    resource: str,
+    key: str,
+    body: ReplaceIn,
+    idempotency_key: IdempotencyKey = None,
+    stored_key: StoredKey = False,
+    wait: Wait = True,
+    timeout: Timeout = 10.0,
+) -> JSONResponse:
+    """Replace every message atomically (a new generation)."""
+    publisher = _publisher(request)
+    published = await publisher.replace(
+        ref_of(tenant, resource, key, stored_key),
+        body.messages,
+        agent_id=body.agent_id,
+        workflow_id=body.workflow_id,
+        idempotency_key=idempotency_key,
+    )
+    return await respond(publisher, [published], wait, timeout)
+
+
+@router.delete(Memory, response_model=PublishedOut, summary="Delete the memory")
+async def delete(
+    request: Request,
+    tenant: Tenant,
+    resource: str,
+    key: str,
+    idempotency_key: IdempotencyKey = None,
+    stored_key: StoredKey = False,
+    wait: Wait = True,
+    timeout: Timeout = 10.0,
+) -> JSONResponse:
+    """Delete the memory (a tombstone keeps late events from bringing it back)."""
+    publisher = _publisher(request)
+    published = await publisher.delete(
+        ref_of(tenant, resource, key, stored_key), idempotency_key=idempotency_key
+    )
+    return await respond(publisher, [published], wait, timeout)
+
+
+@router.post(Memory + "/clear", response_model=PublishedOut, summary="Remove every message")
+async def clear(
+    request: Request,
+    tenant: Tenant,
+    resource: str,
+    key: str,
+    body: ClearIn,
+    idempotency_key: IdempotencyKey = None,
+    stored_key: StoredKey = False,
+    wait: Wait = True,
+    timeout: Timeout = 10.0,
+) -> JSONResponse:
+    """Remove every message (a new generation); with ``backup``, keep them as a backup
+    first (its id is in the outcome)."""
+    publisher = _publisher(request)
+    published = await publisher.clear(
+        ref_of(tenant, resource, key, stored_key),
+        agent_id=body.agent_id,
+        workflow_id=body.workflow_id,
+        backup=body.backup,
+        idempotency_key=idempotency_key,
+    )
+    return await respond(publisher, [published], wait, timeout)
+
+
+@router.post(Memory + "/erase", response_model=PublishedOut, summary="Erase one message")
+async def erase(
+    request: Request,
+    tenant: Tenant,
+    resource: str,
+    key: str,
+    body: EraseIn,
+    idempotency_key: IdempotencyKey = None,
+    stored_key: StoredKey = False,
+    wait: Wait = True,
+    timeout: Timeout = 10.0,
+) -> JSONResponse:
+    """Erase the message ``seq`` for good, and any summary that covers it."""
+    publisher = _publisher(request)
+    published = await publisher.erase(
+        ref_of(tenant, resource, key, stored_key),
+        body.seq,
+        agent_id=body.agent_id,
+        workflow_id=body.workflow_id,
+        idempotency_key=idempotency_key,
+    )
+    return await respond(publisher, [published], wait, timeout)
+
+
+@router.post(Memory + "/flush", response_model=PublishedOut, summary="Request a flush")
+async def flush(
+    request: Request,
+    tenant: Tenant,
+    resource: str,
+    key: str,
+    body: FlushIn,
+    idempotency_key: IdempotencyKey = None,
+    stored_key: StoredKey = False,
+    wait: Wait = True,
+    timeout: Timeout = 10.0,
+) -> JSONResponse:
+    """Ask the summarizer to flush the memory (by its resource's strategy, or
+    ``strategy``); the outcome says the request was applied, the summarizer runs it."""
+    publisher = _publisher(request)
+    published = await publisher.request_flush(
+        ref_of(tenant, resource, key, stored_key),
+        strategy=body.strategy,
+        dry_run=body.dry_run,
+        agent_id=body.agent_id,
+        workflow_id=body.workflow_id,
+        idempotency_key=idempotency_key,
+    )
+    return await respond(publisher, [published], wait, timeout)
+
+
+@router.get(Memory, response_model=MemoryOut, summary="Read the memory")
+async def read(
+    request: Request,
+    tenant: Tenant,
+    resource: str,
+    key: str,
+    stored_key: StoredKey = False,
+    last: Annotated[int | None, Query(ge=1, le=10_000, description="the newest N")] = None,
+    after: Annotated[int | None, Query(ge=0, description="messages after this seq")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="page size with after")] = 100,
+    generation: Annotated[
+        int | None, Query(ge=0, description="409 if the memory is of another generation")
+    ] = None,
+    budget: Annotated[
+        int | None, Query(ge=1, description="what fits a context of this many tokens")
+    ] = None,
+) -> MemoryOut:
+    """The memory, oldest message first: whole, the newest ``last``, a page ``after``
+    a sequence number, or what fits a token ``budget`` (protected messages first, then
+    the newest)."""
+    if sum(x is not None for x in (last, after, budget)) > 1:
+        raise GatewayError(400, "invalid", "pass one of last, after and budget")
+    ref = ref_of(tenant, resource, key, stored_key)
+    publisher = _publisher(request)
+    extra: dict[str, Any] = {}
+    if budget is not None:
+        found = request.app.state.registry.get_resource(ref.resource)
+        window = await publisher.reader.read_context(
+            ref, found, Tokenizers().for_resource(found), budget=budget
+        )
+        view, messages = window.view, window.messages
+        extra = {
+            "budget": budget,
+            "window_tokens": window.tokens,
+            "over_budget": window.over_budget,
+        }
+    else:
+        view = await publisher.reader.read(
+            ref, last=last, after=after, limit=limit, generation=generation
+        )
+        messages = view.messages
+    return MemoryOut(
+        memory=ref.memory_id,
+        partition=view.partition,
+        exists=view.exists,
+        generation=view.generation,
+        count=view.count,
+        tokens=view.tokens,
+        messages=messages,
+        next_after=view.next_after if budget is None else None,
+        **extra,
+    )
+
+
+@router.get(Memory + "/health", summary="Budget use, priorities, roles and flushes")
+async def health(
+    request: Request, tenant: Tenant, resource: str, key: str, stored_key: StoredKey = False
+) -> dict[str, Any]:
+    ref = ref_of(tenant, resource, key, stored_key)
+    found = request.app.state.registry.get_resource(ref.resource)
+    view = await _publisher(request).reader.read(ref)
+    return health_of(view, found, Tokenizers().for_resource(found)).as_json()
+
+
+@router.get(Memory + "/stats", summary="Counts, tokens and roles, read page by page")
+async def stats(
+    request: Request, tenant: Tenant, resource: str, key: str, stored_key: StoredKey = False
+) -> dict[str, Any]:
+    ref = ref_of(tenant, resource, key, stored_key)
+    found = request.app.state.registry.get_resource(ref.resource)
+    data = await memory_stats(_publisher(request).reader, ref, Tokenizers().for_resource(found))
+    limit = found.token_limit
+    data["budget_use"] = round(data["tokens"] / limit, 4) if limit else None
+    return data
+
+
+@router.get("/memories", summary="The tenant's live memories")
+async def memories(
+    request: Request,
+    tenant: Tenant,
+    resource: Annotated[str | None, Query(description="only this resource's")] = None,
+    workflow: Annotated[str | None, Query(description="only those a live workflow wrote")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    if resource is not None and workflow is not None:
+        raise GatewayError(400, "invalid", "list by resource or by workflow, not both")
+    app = request.app.state.app
+    listed: list[dict[str, Any]] = []
+    more = False
+    async for m in list_memories(
+        app.client, app.keys, tenant.tenant, resource=resource, workflow=workflow
+    ):
+        if len(listed) == limit:
+            more = True
+            break
+        listed.append(
+            {"memory": m.memory_id, "partition": m.partition, "expires_at_ms": m.expires_at_ms}
+        )
+    return {"memories": listed, "more": more}
+
+
+@router.post(
+    "/workflows/{workflow_id}/started",
+    response_model=PublishedOut,
+    tags=["workflows"],
+    summary="A workflow started",
+)
+async def started(
+    request: Request,
+    tenant: Tenant,
+    workflow_id: Annotated[str, Path(max_length=200)],
+    idempotency_key: IdempotencyKey = None,
+    wait: Wait = True,
+    timeout: Timeout = 10.0,
+) -> JSONResponse:
+    publisher = _publisher(request)
+    published = await publisher.workflow_started(
+        tenant.tenant, workflow_id, idempotency_key=idempotency_key, wait=wait, timeout=timeout
+    )
+    return await respond(publisher, [published], False, timeout)
+
+
+@router.post(
+    "/workflows/{workflow_id}/terminated",
+    response_model=PublishedOut,
+    tags=["workflows"],
+    summary="A workflow terminated: its memories run their cleanup policy",
+)
+async def terminated(
+    request: Request,
+    tenant: Tenant,
+    workflow_id: Annotated[str, Path(max_length=200)],
+    body: TerminatedIn,
+    idempotency_key: IdempotencyKey = None,
+    wait: Wait = True,
+    timeout: Timeout = 10.0,
+) -> JSONResponse:
+    """With ``wait``, answers once every partition applied the end (or it was refused)."""
+    publisher = _publisher(request)
+    published = await publisher.workflow_terminated(
+        tenant.tenant,
+        workflow_id,
+        body.status,
+        idempotency_key=idempotency_key,
+        wait=wait,
+        timeout=timeout,
+    )
+    return await respond(publisher, [published], False, timeout)
