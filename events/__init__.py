@@ -36,6 +36,7 @@ from events.envelope import (
     WorkflowTerminated,
 )
 from events.errors import (
+    BacklogFullError,
     DecodeError,
     EventError,
     NewerSchemaError,
@@ -57,6 +58,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AnyEvent",
     "AppendPayload",
+    "BacklogFullError",
     "ClearPayload",
     "DecodeError",
     "Decoded",

@@ -62,5 +62,16 @@ class PartiallyPublishedError(PublishError):
         self.failed = failed
 
 
+class BacklogFullError(PublishError):
+    """A stream already holds more than the backlog bound (its consumers are behind or
+    stopped): nothing was published to it. Retry later (the SDK can wait:
+    ``Publisher(backlog_wait=...)``)."""
+
+    def __init__(self, message: str, *, partition: int, held: int) -> None:
+        super().__init__(message)
+        self.partition = partition
+        self.held = held
+
+
 class ReadOnlyError(PublishError):
     """A write to a memory the agent may only read."""

@@ -12,20 +12,26 @@ from memory import Message
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
 DEFAULT_MAX_MESSAGES = 1000
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BACKLOG = 100_000
 
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
     """``max_event_bytes``: one event's JSON; ``max_message_bytes``: one message's JSON;
     ``max_messages``: messages of one event (a replace) and events of one publish call;
-    ``max_request_bytes``: all events of one publish call."""
+    ``max_request_bytes``: all events of one publish call; ``max_backlog``: entries an
+    ingest (or the lifecycle) stream may hold before publishing to it is refused with
+    BacklogFullError (0: no bound)."""
 
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_backlog: int = DEFAULT_MAX_BACKLOG
 
     def __post_init__(self) -> None:
+        if self.max_backlog < 0:
+            raise ValueError("max_backlog must be 0 (no bound) or more")
         for name in ("max_event_bytes", "max_message_bytes", "max_messages", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

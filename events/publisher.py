@@ -40,6 +40,7 @@ from events.envelope import (
     WorkflowTerminated,
 )
 from events.errors import (
+    BacklogFullError,
     PartiallyPublishedError,
     PublishError,
     PublishOutcomeUnknownError,
@@ -117,12 +118,17 @@ class Publisher:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         registry: ResourceRegistry | None = None,
         limits: RequestLimits | None = None,
+        backlog_wait: float = 0.0,
     ) -> None:
         """With ``registry`` (the memory resources and agents), messages are redacted by
         their resource's privacy policy before they are written, non-persistable ones
         are not written at all, and read-only agents are refused. Without it, the
         appender still applies the policy, but the raw event stays in ingest:{p} until
-        retention trims it."""
+        retention trims it.
+
+        A stream holding more than ``limits.max_backlog`` entries refuses new events;
+        the publisher then tries again for up to ``backlog_wait`` seconds (backing off)
+        before it raises BacklogFullError."""
         self._client = client
         self._registry = registry
         self._keys = keys or Keys()
@@ -130,6 +136,7 @@ class Publisher:
         self._default_partitions = default_partitions
         self._limits = limits or RequestLimits(max_event_bytes=max_event_bytes)
         self._max_event_bytes = self._limits.max_event_bytes
+        self._backlog_wait = backlog_wait
         self._partitions: int | None = None
         self._ready: set[int] = set()
         self._lifecycle_ready = False
@@ -271,10 +278,14 @@ class Publisher:
             by_partition.setdefault(p, []).append(i)
         ids: list[str | None] = [None] * len(routed)
         failed: list[tuple[int, str]] = []
+        full: dict[int, int] = {}  # partition -> entries its stream held when refused
+        deadline = time.monotonic() + self._backlog_wait
+        delay, reloaded = 0.05, False
         todo = list(by_partition)
-        for _ in range(2):  # a second round only for scripts Redis lost (NOSCRIPT)
+        while todo:
             replies = await self._pipeline(routed, by_partition, todo, lifecycle)
-            lost = []
+            lost: list[int] = []
+            full = {}
             for p, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, NoScriptError):
                     lost.append(p)
@@ -285,20 +296,46 @@ class Publisher:
                     ) from reply
                 elif isinstance(reply, BaseException):
                     failed.extend((i, str(reply)) for i in by_partition[p])
+                elif reply and str(reply[0]) == "backlog":
+                    full[p] = int(reply[1])
                 else:
                     for i, entry_id in zip(by_partition[p], reply, strict=True):
                         ids[i] = str(entry_id)
-            if not lost:
-                break
-            await self._guard(self._scripts.load())
+            if lost and reloaded:  # NOSCRIPT again right after loading: give up on them
+                failed.extend(
+                    (i, "the publish script is missing") for p in lost for i in by_partition[p]
+                )
+                lost = []
+            elif lost:  # Redis lost the scripts (a restart, a failover): load them again
+                await self._guard(self._scripts.load())
+                reloaded = True
+            if full and time.monotonic() < deadline:
+                await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+                delay = min(delay * 2, 1.0)
+                todo = lost + sorted(full)
+                continue
             todo = lost
-        else:
+
+        def stream(p: int) -> str:
+            return self._keys.lifecycle if lifecycle else self._keys.ingest(p)
+
+        for p, held in full.items():
             failed.extend(
-                (i, "the publish script is missing") for p in todo for i in by_partition[p]
+                (i, f"backlog: {stream(p)} holds {held} entries") for i in by_partition[p]
             )
         if not failed:
             return [str(i) for i in ids]
         if all(i is None for i in ids):
+            if full and len(full) == len(by_partition):
+                p, held = min(full.items())
+                raise BacklogFullError(
+                    f"{stream(p)} already holds {held} entries, over "
+                    f"the backlog bound of {self._limits.max_backlog} "
+                    f"(MEMSTREAM_MAX_BACKLOG): its consumers are behind or stopped "
+                    f"(memstream status); nothing was published, publish again later",
+                    partition=p,
+                    held=held,
+                )
             raise PublishError(f"Redis refused the events ({failed[0][1]}); nothing was published")
         published = [
             Receipt(p, str(ids[i]), e.event_id, str(e.idempotency_key))
@@ -322,10 +359,11 @@ class Publisher:
     ) -> list[Any]:
         keys = [str(routed[i][1].idempotency_key) for p in partitions for i in by_partition[p]]
         unknown = UNKNOWN_OUTCOME
+        bound = str(self._limits.max_backlog)
         calls = [
             (
                 [self._keys.lifecycle if lifecycle else self._keys.ingest(p)],
-                [routed[i][2] for i in by_partition[p]],
+                [bound, *(routed[i][2] for i in by_partition[p])],
             )
             for p in partitions
         ]

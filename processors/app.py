@@ -4,6 +4,7 @@ resources and workers. Everything is built here once and passed down."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from types import TracebackType
 
 from events import Publisher
@@ -36,6 +37,7 @@ from store import (
     find_embedded,
 )
 from store.lock import DistributedLock
+from store.repartition import refuse_while_repartitioning
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +127,17 @@ class App:
         return ResourceRegistry.load(paths) if paths else None
 
     def publisher(
-        self, registry: ResourceRegistry | None = None, *, resources: bool = True
+        self,
+        registry: ResourceRegistry | None = None,
+        *,
+        resources: bool = True,
+        bounded: bool = True,
     ) -> Publisher:
         """A publisher with the settings' partition count and request limits; it applies
         the privacy policies of ``registry``, else (with ``resources``) of the resource
-        files found, if any (see ``registry_if_present``)."""
+        files found, if any (see ``registry_if_present``). ``bounded``: refuse to publish
+        to a stream over the backlog bound (the cleanup processor's workflow ends are
+        not bounded: one small event per partition, which must get through)."""
         s = self.settings
         if registry is None and resources:
             registry = self.registry_if_present()
@@ -138,14 +146,17 @@ class App:
             keys=self.keys,
             scripts=self.scripts,
             default_partitions=s.partitions,
-            limits=s.limits(),
+            limits=s.limits() if bounded else replace(s.limits(), max_backlog=0),
             registry=registry,
+            backlog_wait=s.backlog_wait,
         )
 
     def reader(self) -> MemoryReader:
         return MemoryReader(self.client, self.scripts, self.keys)
 
     async def partitions(self) -> int:
+        """The stored partition count; refused while the count is being changed."""
+        await refuse_while_repartitioning(self.client, self.keys)
         return await ensure_partitions(self.client, self.keys, self.settings.partitions)
 
     async def accountant(
@@ -199,7 +210,7 @@ class App:
         """The lifecycle stream's worker: one partition, so one leaseholder at a time."""
         s = self.settings
         processor = Cleanup(
-            self.publisher(resources=False),
+            self.publisher(resources=False, bounded=False),
             PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP),
             outcome_ttl_ms=int(s.outcome_ttl * 1000),
             max_event_bytes=s.max_event_bytes,

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from events.schema import event_schema_text
 from memory import AgentResource, DomainError, MemoryRef, MemoryResource, Message, Role
 from processors import dlq as dead_letters
-from processors import erasecli, flushcli, gatewaycli, lifecli, opscli
+from processors import erasecli, flushcli, gatewaycli, lifecli, opscli, repartcli
 from processors.accountant import Accountant
 from processors.app import App
 from processors.appender import Appender
@@ -403,6 +403,7 @@ opscli.register(main, _ref, STORED_KEY)
 lifecli.register(main)
 erasecli.register(main)
 gatewaycli.register(main)
+repartcli.register(main)
 main.add_command(resources)
 
 __all__ = ["main"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -41,6 +42,42 @@ def list_letters(partition: int | None, count: int, as_json_out: bool) -> None:
     run_async(go())
 
 
+@dlq.command("show")
+@click.argument("partition", type=int)
+@click.argument("letter_id")
+@click.option("--json", "as_json_out", is_flag=True)
+def show(partition: int, letter_id: str, as_json_out: bool) -> None:
+    """Show dead letter LETTER_ID of PARTITION whole: why, when, how often it failed, and
+    the event it keeps (redacted by its resource's privacy policy)."""
+
+    async def go() -> None:
+        async with App(settings_from()) as app:
+            letter = await DeadLetters(app.client, app.scripts, app.keys).get(partition, letter_id)
+        if letter is None:
+            click.echo(f"error: no dead letter {partition}/{letter_id}", err=True)
+            sys.exit(1)
+        fields = dict(letter.fields)
+        event_text = fields.pop("event", None)
+        event: object = event_text
+        if event_text is not None:
+            with contextlib.suppress(ValueError):  # not JSON: shown as it was
+                event = json.loads(event_text)
+        if as_json_out:
+            click.echo(
+                json.dumps({"partition": partition, "id": letter_id, **fields, "event": event})
+            )
+            return
+        click.echo(f"dead letter {partition}/{letter_id}")
+        for name, value in fields.items():
+            click.echo(f"  {name}: {value}")
+        if event is not None:
+            shown = json.dumps(event, indent=2) if not isinstance(event, str) else event
+            click.echo("  event:\n" + "\n".join(f"    {line}" for line in shown.splitlines()))
+        click.echo(f"replay it after a fix: memstream dlq replay {partition} {letter_id}")
+
+    run_async(go())
+
+
 @dlq.command()
 @click.argument("partition", type=int)
 @click.argument("letter_id")
@@ -49,12 +86,12 @@ def replay(partition: int, letter_id: str) -> None:
 
     async def go() -> None:
         async with App(settings_from()) as app:
-            new_id = await DeadLetters(app.client, app.scripts, app.keys).replay(
+            routed = await DeadLetters(app.client, app.scripts, app.keys).replay_routed(
                 partition, letter_id
             )
-        if new_id is None:
+        if routed is None:
             click.echo(f"error: no dead letter {partition}/{letter_id}", err=True)
             sys.exit(1)
-        click.echo(f"replayed as {partition}/{new_id}")
+        click.echo(f"replayed as {routed[0]}/{routed[1]}")
 
     run_async(go())

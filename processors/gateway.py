@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from events.errors import (
+    BacklogFullError,
     PartiallyPublishedError,
     PublishError,
     PublishOutcomeUnknownError,
@@ -130,6 +131,12 @@ def _errors(api: FastAPI) -> None:
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, e: GatewayError) -> JSONResponse:
         return _error(e.status, e.error, e.detail)
+
+    @api.exception_handler(BacklogFullError)
+    async def backlog(request: Request, e: BacklogFullError) -> JSONResponse:
+        reply = _error(429, "backlog_full", str(e))
+        reply.headers["Retry-After"] = "1"
+        return reply
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:

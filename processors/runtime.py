@@ -20,6 +20,7 @@ from processors.metrics import Metrics
 from processors.partition import LoopConfig, PartitionLoop, PartitionState
 from processors.port import Processor
 from store import (
+    GROUP_TOPIC,
     TRANSIENT_ERRORS,
     Keys,
     Leases,
@@ -28,6 +29,8 @@ from store import (
     Scripts,
     ensure_groups,
 )
+from store.keys import SINGLE_PARTITION_TOPICS
+from store.repartition import refuse_while_repartitioning
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,12 @@ class Worker:
         worker should own is owned and has nothing left to process)."""
         log.info("worker %s (%s) starting", self.id, self.group.value)
         try:
+            # A member first, then the check: a repartition starting now sees this worker.
+            await self.heartbeat()
+            single = GROUP_TOPIC[self.group] in SINGLE_PARTITION_TOPICS
+            await refuse_while_repartitioning(
+                self._client, self._keys, None if single else self.partitions
+            )
             # One task group holds the loops of the owned partitions: leaving it waits
             # for every loop to finish its batch and release its lease.
             async with asyncio.TaskGroup() as tasks:

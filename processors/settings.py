@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="largest publish call, in bytes"
     )
+    max_backlog: int = Field(
+        default=100_000,
+        ge=0,
+        description="entries an ingest or the lifecycle stream may hold before publishing to "
+        "it is refused (backpressure; 0: no bound)",
+    )
+    backlog_wait: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long a publish waits for a full stream to drain before it is refused",
+    )
     trim_interval: float = Field(
         default=5.0, description="how often acknowledged entries are trimmed (and lag sampled)"
     )
@@ -117,6 +128,7 @@ class Settings(BaseSettings):
         "outcome_ttl",
         "trim_interval",
         "summary_timeout",
+        "backlog_wait",
         mode="before",
     )
     @classmethod
@@ -191,6 +203,7 @@ class Settings(BaseSettings):
             max_message_bytes=self.max_message_bytes,
             max_messages=self.max_messages,
             max_request_bytes=self.max_request_bytes,
+            max_backlog=self.max_backlog,
         )
 
     def retention(self) -> Retention:

@@ -22,6 +22,14 @@ from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, MemoryKeys, Topic
 from store.lease import Lease, LeaseHolder, Leases
 from store.memory import ApplyBatch, Ending, Lookups, MemoryStore, Retention, Target
 from store.reader import ContextWindow, MemoryReader, MemoryView, Outcome, OutcomeStatus
+from store.repartition import (
+    Repartitioned,
+    Repartitioner,
+    RepartitionError,
+    RepartitionInProgressError,
+    RepartitionRefusedError,
+    refuse_while_repartitioning,
+)
 from store.scripts import Scripts
 from store.streams import Claim, Delivery, PartitionStreams, Settle, StreamEntry, ensure_groups
 
@@ -64,6 +72,11 @@ __all__ = [
     "PartitionStreams",
     "RedisClient",
     "RedisServerProcess",
+    "RepartitionError",
+    "RepartitionInProgressError",
+    "RepartitionRefusedError",
+    "Repartitioned",
+    "Repartitioner",
     "Retention",
     "ScriptKeyError",
     "Scripts",
@@ -85,5 +98,6 @@ __all__ = [
     "get_partitions",
     "is_cluster_url",
     "list_memories",
+    "refuse_while_repartitioning",
     "tenant_remnants",
 ]

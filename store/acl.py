@@ -42,6 +42,7 @@ def producer_rules(namespace: str = "ms") -> list[str]:
         *_CONNECT,
         *_SCRIPTS,
         "+xadd",
+        "+xlen",
         "+xgroup|create",
         "+hget",
         "+get",

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from memory import partition_for
 from store.config import get_partitions
 from store.connection import RedisClient
 from store.keys import Keys
@@ -52,20 +53,46 @@ class DeadLetters:
         return DeadLetter(partition, str(entries[0][0]), _strings(entries[0][1]))
 
     async def replay(self, partition: int, letter_id: str) -> str | None:
+        """Re-publish a dead letter's event to its stream and remove the letter (see
+        ``replay_routed``); returns the new entry id, or None when there is no such
+        dead letter."""
+        routed = await self.replay_routed(partition, letter_id)
+        return None if routed is None else routed[1]
+
+    async def replay_routed(self, partition: int, letter_id: str) -> tuple[int, str] | None:
         """Re-publish a dead letter's event to its stream (the partition's ingest
         stream, or the lifecycle stream for a lifecycle event) and remove the letter;
-        returns the new entry id, or None when there is no such dead letter."""
+        returns the partition and the new entry id, or None when there is no such dead
+        letter.
+
+        A ``misrouted`` letter (its producer used another partition count) goes to the
+        ingest stream of its memory's partition under the current count: it is first
+        moved to that partition's dead letters (with ``moved_from``), then replayed from
+        there, each stream written in a step of its own partition."""
         letter = await self.get(partition, letter_id)
         if letter is None:
             return None
+        memory_id = letter.fields.get("memory")
+        if letter.reason == "misrouted" and memory_id:
+            target = partition_for(memory_id, await get_partitions(self._client, self._keys))
+            if target != partition:
+                origin = letter.fields.get("moved_from") or f"{partition}:{letter.id}"
+                fields: dict[Any, Any] = {**letter.fields, "moved_from": origin}
+                moved = str(await self._client.xadd(self._keys.dlq(target), fields))
+                await self._client.xdel(self._keys.dlq(partition), letter.id)
+                partition, letter_id = target, moved
+                letter = DeadLetter(target, moved, fields)
         lifecycle = self._keys.lifecycle
         from_lifecycle = partition == 0 and letter.fields.get("source") == lifecycle
+        # A letter moved to another partition keeps the fallback key of where it was
+        # first written, so a replay of each of two copies is applied once.
+        origin = letter.fields.get("moved_from") or f"{partition}:{letter_id}"
         reply = await self._scripts(
             "replay_dead_letter",
             [
                 self._keys.dlq(partition),
                 lifecycle if from_lifecycle else self._keys.ingest(partition),
             ],
-            [letter_id, f"dlq:{partition}:{letter_id}"],
+            [letter_id, f"dlq:{origin}"],
         )
-        return str(reply[1]) if reply[0] == "ok" else None
+        return (partition, str(reply[1])) if reply[0] == "ok" else None

@@ -444,6 +444,16 @@ def test_unknown_resource_is_refused_listed_and_replayed(service: Cli) -> None:
     assert letter["memory"] == ref
     assert letter["reason"] == "unknown_resource"
 
+    shown = service("dlq", "show", str(p), letter["id"], "--json")
+    assert shown.code == 0, shown.err
+    whole = shown.json()
+    assert (whole["reason"], whole["entry"]) == ("unknown_resource", entry)
+    assert whole["event"]["payload"]["message"]["content"] == "lost"
+    text_form = service("dlq", "show", str(p), letter["id"])
+    assert f"memstream dlq replay {p} {letter['id']}" in text_form.out
+    assert '"content": "lost"' in text_form.out
+    assert service("dlq", "show", str(p), "1-1").code == 1
+
     replayed = service("dlq", "replay", str(p), letter["id"])
     assert replayed.code == 0, replayed.err
     match = re.fullmatch(rf"replayed as {p}/(\d+-\d+)", replayed.out.strip())

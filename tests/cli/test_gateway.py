@@ -8,13 +8,14 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cli.test_cli import MEMSTREAM, Cli, wait_for
+from tests.cli.test_cli import MEMSTREAM, Cli, make_cli, wait_for
 from tests.cli.test_metrics_endpoint import free_port
 
 RESOURCE = "customer-support"
@@ -322,6 +323,26 @@ def test_a_body_over_the_limit_is_413_by_length_and_when_chunked(
     )
     assert ok.status_code == 200, ok.text
     assert contents(acme, key) == ["fits"]
+
+
+def test_a_full_backlog_answers_429_with_retry_after(
+    default_redis_url: str, tmp_path: Path
+) -> None:
+    """No processors run here: the ingest stream fills up and stays full."""
+    cli = make_cli(default_redis_url, f"t{uuid.uuid4().hex[:10]}", tmp_path)
+    cli.env.update(MEMSTREAM_MAX_BACKLOG="2", MEMSTREAM_PARTITIONS="1")
+    try:
+        url, _ = start_gateway(cli)
+        gateway = Gateway(url, cli.running[-1], cli)
+        with gateway.client(gateway.key("acme")) as client:
+            assert append(client, "k", "one", "two", wait="false").status_code == 202
+            full = append(client, "k", "three", wait="false")
+            assert full.status_code == 429
+            assert full.headers["Retry-After"] == "1"
+            assert full.json()["error"] == "backlog_full"
+            assert "MEMSTREAM_MAX_BACKLOG" in full.json()["detail"]
+    finally:
+        cli.close()
 
 
 # Metrics and shutdown.

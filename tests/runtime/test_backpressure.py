@@ -1,0 +1,152 @@
+"""Backpressure: a stream over the backlog bound refuses new events with a typed error
+(nothing published), a publisher may wait for it to drain, and workflow ends still get
+through."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from events import BacklogFullError, PartiallyPublishedError, Publisher, RequestLimits
+from events.envelope import AppendPayload, MemoryName, MessageAppended
+from memory import MemoryRef, partition_for
+from processors.app import App
+from processors.settings import Settings
+from tests.runtime.conftest import PARTITIONS, ROOT, Rig, user
+
+BOUND = 5
+
+
+def bounded(rig: Rig, bound: int = BOUND, wait: float = 0.0) -> Publisher:
+    return Publisher(
+        rig.client,
+        keys=rig.keys,
+        scripts=rig.scripts,
+        default_partitions=PARTITIONS,
+        limits=RequestLimits(max_backlog=bound),
+        backlog_wait=wait,
+    )
+
+
+def ref_in(partition: int, tag: str) -> MemoryRef:
+    """A memory of the given partition."""
+    for i in range(10_000):
+        ref = MemoryRef("acme", "customer-support", f"{tag}{i}")
+        if partition_for(ref.memory_id, PARTITIONS) == partition:
+            return ref
+    raise AssertionError("no key found")
+
+
+def appended(ref: MemoryRef, text: str) -> MessageAppended:
+    name = MemoryName(resource=ref.resource, key=ref.key)
+    return MessageAppended(
+        tenant=ref.tenant, payload=AppendPayload(memory=name, message=user(text))
+    )
+
+
+async def test_a_full_stream_refuses_with_a_typed_error_and_publishes_nothing(rig: Rig) -> None:
+    publisher, ref = bounded(rig), ref_in(1, "full")
+    for i in range(BOUND):
+        await publisher.append(ref, user(f"m{i}"))
+    with pytest.raises(BacklogFullError) as refused:
+        await publisher.append(ref, user("one too many"))
+    assert (refused.value.partition, refused.value.held) == (1, BOUND)
+    assert "MEMSTREAM_MAX_BACKLOG" in str(refused.value)
+    assert await rig.client.xlen(rig.keys.ingest(1)) == BOUND
+    # A batch that would pass the bound is refused whole, not cut.
+    other = ref_in(2, "batch")
+    await publisher.publish_many([appended(other, f"b{i}") for i in range(BOUND - 1)])
+    with pytest.raises(BacklogFullError):
+        await publisher.publish_many([appended(other, "x"), appended(other, "y")])
+    assert await rig.client.xlen(rig.keys.ingest(2)) == BOUND - 1
+
+
+async def test_once_the_appender_drains_the_stream_publishing_resumes(rig: Rig) -> None:
+    publisher, ref = bounded(rig), ref_in(0, "drain")
+    for i in range(BOUND):
+        await publisher.append(ref, user(f"m{i}"))
+    with pytest.raises(BacklogFullError):
+        await publisher.append(ref, user("refused"))
+    rig.start("w1")
+    await rig.eventually(
+        lambda: _held(rig, 0, lambda n: n == 0), what="the applied entries trimmed"
+    )
+    published = await publisher.append(ref, user("accepted"), wait=True)
+    assert published.outcome is not None and published.outcome.ok
+    assert await rig.contents(ref) == [*(f"m{i}" for i in range(BOUND)), "accepted"]
+
+
+async def _held(rig: Rig, p: int, ok: object) -> bool:
+    n = int(await rig.client.xlen(rig.keys.ingest(p)))
+    return bool(ok(n))  # type: ignore[operator]
+
+
+async def test_a_publisher_with_backlog_wait_waits_for_the_drain(rig: Rig) -> None:
+    publisher, ref = bounded(rig, wait=20.0), ref_in(3, "wait")
+    for i in range(BOUND):
+        await publisher.append(ref, user(f"m{i}"))
+    waiting = asyncio.create_task(publisher.append(ref, user("patient"), wait=True))
+    await asyncio.sleep(0.5)
+    assert not waiting.done(), "the publish must wait while the stream is full"
+    rig.start("w1")
+    published = await asyncio.wait_for(waiting, 30)
+    assert published.outcome is not None and published.outcome.ok
+    assert (await rig.contents(ref))[-1] == "patient"
+
+
+async def test_a_batch_over_two_partitions_publishes_where_there_is_room(rig: Rig) -> None:
+    publisher = bounded(rig)
+    full, free = ref_in(1, "p1-"), ref_in(2, "p2-")
+    for i in range(BOUND):
+        await publisher.append(full, user(f"m{i}"))
+    with pytest.raises(PartiallyPublishedError) as partial:
+        await publisher.publish_many([appended(full, "no room"), appended(free, "room")])
+    assert [r.partition for r in partial.value.published] == [2]
+    assert partial.value.failed[0][0] == 0 and "backlog" in partial.value.failed[0][1]
+    assert await rig.client.xlen(rig.keys.ingest(2)) == 1
+
+
+async def test_the_lifecycle_stream_is_bounded(rig: Rig) -> None:
+    publisher = bounded(rig, bound=2)
+    await publisher.workflow_started("acme", "wf-1")
+    await publisher.workflow_started("acme", "wf-2")
+    with pytest.raises(BacklogFullError) as refused:
+        await publisher.workflow_terminated("acme", "wf-1")
+    assert rig.keys.lifecycle in str(refused.value)
+    assert await rig.client.xlen(rig.keys.lifecycle) == 2
+
+
+async def test_the_cleanup_processor_sends_workflow_ends_to_full_streams(
+    rig: Rig, redis_url: str
+) -> None:
+    """Ends must get through: the appenders apply them, which drains the streams."""
+    settings = Settings(
+        redis_url=redis_url,
+        namespace=rig.keys.namespace,
+        partitions=PARTITIONS,
+        max_backlog=2,
+        resources=str(ROOT / "memories"),
+    )
+    async with App(settings) as app:
+        full = app.publisher()
+        for p in range(PARTITIONS):
+            ref = ref_in(p, "end")
+            await full.publish_many([appended(ref, "a"), appended(ref, "b")])
+        with pytest.raises(BacklogFullError):
+            await full.append(ref_in(0, "end"), user("c"))
+        await full.workflow_terminated("acme", "wf-full")
+        stop = asyncio.Event()
+        cleanup = await app.cleanup()
+        task = asyncio.create_task(cleanup.run(stop))
+        try:
+            await rig.eventually(
+                lambda: _held(rig, 0, lambda n: n == 3), what="the end sent to a full stream"
+            )
+            for p in range(PARTITIONS):
+                assert await rig.client.xlen(rig.keys.ingest(p)) == 3
+            rig.start("w1")
+            await full.wait_ended("acme", "wf-full", timeout=20)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
