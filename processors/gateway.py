@@ -8,6 +8,7 @@ as an event through its memory's partition, like the SDK's."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from events.errors import (
     BacklogFullError,
@@ -31,12 +33,57 @@ from processors.app import App
 from processors.gatewayroutes import GatewayError, router
 from processors.settings import Settings
 from store import TRANSIENT_ERRORS, GenerationChangedError, OutcomeMismatchError, WaitTimeoutError
+from store.apikeys import ApiKeys
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+UNREACHABLE = "Redis is unreachable; try again shortly"
+
+
+class Authenticate:
+    """Checks the API key of every ``/v1`` request before anything reads its body, so a
+    request without a valid key costs one HGET and nothing more; the key's record goes
+    to ``request.state.api_key``."""
+
+    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        bearer = headers.get("authorization", "")
+        secret = bearer[7:].strip() if bearer[:7].lower() == "bearer " else ""
+        secret = secret or headers.get("x-api-key", "").strip()
+        app = self.api.state.app
+        refusal = "send an API key: Authorization: Bearer msk_..."
+        if secret:
+            try:
+                found = await ApiKeys(app.client, app.keys).authenticate(secret)
+            except TRANSIENT_ERRORS as e:
+                log.warning("API key check failed, Redis is unreachable: %s", e)
+                await _send(send, _error(503, "unavailable", UNREACHABLE))
+                return
+            if found is not None:
+                scope.setdefault("state", {})["api_key"] = found
+                await self.app(scope, receive, send)
+                return
+            refusal = "this API key is unknown or revoked"
+        app.metrics.gateway_requests.labels(scope["method"], "/v1/*", "401").inc()
+        reply = _error(401, "unauthorized", refusal)
+        reply.headers["WWW-Authenticate"] = "Bearer"
+        await _send(send, reply)
+
+
+async def _send(send: Send, response: Response) -> None:
+    await response({"type": "http"}, _no_receive, send)
 
 
 class BodyLimit:
@@ -83,7 +130,7 @@ class BodyLimit:
             },
             status_code=413,
         )
-        await body({"type": "http"}, _no_receive, send)
+        await _send(send, body)
 
 
 def _replay(
@@ -168,7 +215,23 @@ def _errors(api: FastAPI) -> None:
         api.add_exception_handler(kind, handler)
 
     async def unreachable(request: Request, e: Exception) -> JSONResponse:
-        return _error(503, "unavailable", f"Redis is unreachable: {e}")
+        log.warning("%s %s: Redis is unreachable: %s", request.method, request.url.path, e)
+        return _error(503, "unavailable", UNREACHABLE)
+
+    async def http_error(request: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, StarletteHTTPException)
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        reply = _error(e.status_code, codes.get(e.status_code, "http_error"), str(e.detail))
+        for name, value in (e.headers or {}).items():
+            reply.headers[name] = value
+        return reply
+
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, "internal", "the gateway failed on this request; see its log")
+
+    api.add_exception_handler(StarletteHTTPException, http_error)
+    api.add_exception_handler(Exception, internal)
 
     for transient in TRANSIENT_ERRORS:
         api.add_exception_handler(transient, unreachable)
@@ -214,7 +277,8 @@ def create_gateway(settings: Settings, *, start_embedded: bool = True) -> ASGIAp
         try:
             await request.app.state.app.client.ping()
         except TRANSIENT_ERRORS as e:
-            return _error(503, "unavailable", f"Redis is unreachable: {e}")
+            log.warning("health check: Redis is unreachable: %s", e)
+            return _error(503, "unavailable", UNREACHABLE)
         return JSONResponse({"status": "ok"})
 
     @api.get("/metrics", tags=["service"], summary="Prometheus metrics of the gateway")
@@ -223,4 +287,4 @@ def create_gateway(settings: Settings, *, start_embedded: bool = True) -> ASGIAp
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     api.include_router(router)
-    return BodyLimit(api, settings.gateway_max_body_bytes)
+    return Authenticate(BodyLimit(api, settings.gateway_max_body_bytes), api)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from events import Publisher
 from events.envelope import (
@@ -22,10 +23,18 @@ from memory import FlushStrategy, MemoryRef, Message, StoredMessage
 from processors.health import health_of
 from processors.opscli import memory_stats
 from processors.tokenizers import Tokenizers
-from store import Outcome, WaitTimeoutError, list_memories
+from store import TRANSIENT_ERRORS, Outcome, WaitTimeoutError, list_memories
 from store.apikeys import ApiKey, ApiKeys
 
+log = logging.getLogger(__name__)
 MAX_WAIT = 60.0
+#: Most messages of one request, checked before any is validated (the configured
+#: MEMSTREAM_MAX_MESSAGES applies too, and is usually lower).
+MAX_BATCH = 10_000
+#: Most messages a whole read (no paging) returns; a context window or health reads
+#: at most MAX_CONTEXT.
+MAX_WHOLE = 1000
+MAX_CONTEXT = 10_000
 _bearer = HTTPBearer(auto_error=False, description="an API key: Bearer msk_...")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key: msk_...")
 
@@ -45,7 +54,11 @@ async def tenant_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
 ) -> ApiKey:
-    """The API key of the request (its tenant), or 401."""
+    """The API key of the request (its tenant), or 401. The gateway's middleware has
+    checked it before the body was read; this dependency documents it in OpenAPI."""
+    checked = getattr(request.state, "api_key", None)
+    if isinstance(checked, ApiKey):
+        return checked
     secret = bearer.credentials if bearer is not None else header
     if not secret:
         raise GatewayError(401, "unauthorized", "send an API key: Authorization: Bearer msk_...")
@@ -81,12 +94,18 @@ class Writer(BaseModel):
     agent_id: str | None = Field(default=None, max_length=200)
 
 
+def _few(value: object) -> object:
+    if isinstance(value, list) and len(value) > MAX_BATCH:
+        raise ValueError(f"{len(value)} messages, over {MAX_BATCH} per request; send fewer")
+    return value
+
+
 class MessagesIn(Writer):
-    messages: list[Message] = Field(min_length=1)
+    messages: Annotated[list[Message], BeforeValidator(_few)] = Field(min_length=1)
 
 
 class ReplaceIn(Writer):
-    messages: list[Message]
+    messages: Annotated[list[Message], BeforeValidator(_few)]
 
 
 class ClearIn(Writer):
@@ -196,6 +215,9 @@ async def _outcomes(
         )
     except WaitTimeoutError:
         waited = [await publisher.reader.outcome(r.partition, r.entry_id) for _, r in receipts]
+    except TRANSIENT_ERRORS as e:  # published; only the wait failed: outcomes unknown
+        log.warning("waiting for outcomes: Redis is unreachable: %s", e)
+        waited = [None] * len(receipts)
     for (i, _), outcome in zip(receipts, waited, strict=True):
         found[i] = outcome
     return found
@@ -409,6 +431,8 @@ async def read(
     ref = ref_of(tenant, resource, key, stored_key)
     publisher = _publisher(request)
     extra: dict[str, Any] = {}
+    if last is None and after is None:
+        await _not_too_many(publisher, ref, MAX_CONTEXT if budget is not None else MAX_WHOLE)
     if budget is not None:
         found = request.app.state.registry.get_resource(ref.resource)
         window = await publisher.reader.read_context(
@@ -438,12 +462,25 @@ async def read(
     )
 
 
+async def _not_too_many(publisher: Publisher, ref: MemoryRef, most: int) -> None:
+    """400 when the memory holds more messages than one read returns."""
+    head = await publisher.reader.read(ref, last=1)
+    if head.count > most:
+        raise GatewayError(
+            400,
+            "too_many",
+            f"{ref.memory_id} holds {head.count} messages, more than {most} in one read: "
+            f"read it in pages with after= and limit=, or the newest with last=",
+        )
+
+
 @router.get(Memory + "/health", summary="Budget use, priorities, roles and flushes")
 async def health(
     request: Request, tenant: Tenant, resource: str, key: str, stored_key: StoredKey = False
 ) -> dict[str, Any]:
     ref = ref_of(tenant, resource, key, stored_key)
     found = request.app.state.registry.get_resource(ref.resource)
+    await _not_too_many(_publisher(request), ref, MAX_CONTEXT)
     view = await _publisher(request).reader.read(ref)
     return health_of(view, found, Tokenizers().for_resource(found)).as_json()
 

@@ -526,11 +526,14 @@ class Repartitioner:
         (those without a memory, in a partition that goes, to a partition that stays);
         lifecycle letters stay in partition 0."""
         c, k = self._client, self._keys
-        present: set[str] = set()
+        # The letters each partition already holds a copy of (a run that stopped between
+        # copying a letter and deleting it); a letter's own stream never counts as its
+        # copy (it may carry ``moved_from`` from an earlier move).
+        present: dict[int, set[str]] = {q: set() for q in range(m.new)}
         for q in range(m.new):
             async for _, fields in _stream(c, k.dlq(q)):
                 if "moved_from" in fields:
-                    present.add(fields["moved_from"])
+                    present[q].add(fields["moved_from"])
         moved = 0
         for p in range(m.span):
             async for letter_id, fields in _stream(c, k.dlq(p)):
@@ -541,10 +544,10 @@ class Repartitioner:
                 if q == p:
                     continue
                 origin = fields.get("moved_from") or f"{p}:{letter_id}"
-                if origin not in present:
+                if origin not in present[q]:
                     letter: dict[Any, Any] = {**fields, "moved_from": origin}
                     await c.xadd(k.dlq(q), letter)
-                    present.add(origin)
+                    present[q].add(origin)
                 await c.xdel(k.dlq(p), letter_id)
                 moved += 1
         return moved

@@ -138,6 +138,20 @@ def test_a_request_without_a_key_or_with_a_wrong_one_is_401(gateway: Gateway) ->
             assert client.get(path("x")).status_code == 401, wrong
 
 
+def test_the_key_is_checked_before_the_body_is_read(gateway: Gateway) -> None:
+    big = b'{"messages": [' + b'{"role": "user"},' * 500_000 + b"]}"
+    with gateway.client("msk_000000000000_forged") as client:
+        reply = client.post(path("x", "/messages"), content=big)
+    assert reply.status_code == 401 and reply.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_unknown_routes_and_methods_answer_json_errors(acme: httpx.Client) -> None:
+    missing = acme.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    wrong = acme.patch(path("x"))
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+
+
 def test_a_revoked_key_stops_working_at_once(gateway: Gateway) -> None:
     key = gateway.key("acme")
     with gateway.client(key) as client:
@@ -297,6 +311,9 @@ def test_bad_requests_are_refused_with_what_is_wrong(acme: httpx.Client) -> None
     too_long = {"messages": [{"role": "user", "content": "x" * 300_000}]}
     over = acme.post(path(key, "/messages"), json=too_long)
     assert over.status_code == 422 and "MEMSTREAM_MAX_MESSAGE_BYTES" in over.json()["detail"]
+    many = {"messages": [{"role": "user", "content": ""}] * 10_001}
+    over = acme.post(path(key, "/messages"), json=many)
+    assert over.status_code == 422 and "10001 messages, over 10000" in over.json()["detail"]
     untyped = acme.post(path(key, "/messages"), content=b'{"messages": []}')
     assert untyped.status_code == 422 and "Content-Type" in untyped.json()["detail"]
     assert acme.get(path(key)).json()["exists"] is False
@@ -343,6 +360,22 @@ def test_a_full_backlog_answers_429_with_retry_after(
             assert "MEMSTREAM_MAX_BACKLOG" in full.json()["detail"]
     finally:
         cli.close()
+
+
+def test_a_whole_read_of_a_long_memory_asks_for_pages(acme: httpx.Client) -> None:
+    """System messages are protected: no flush makes this memory shorter."""
+    key = fresh()
+    first = {"messages": [{"role": "system", "content": f"m{i}"} for i in range(1000)]}
+    assert acme.post(path(key, "/messages"), json=first).status_code == 200
+    assert contents(acme, key)[-1] == "m999"  # 1000: still whole
+    last = {"messages": [{"role": "system", "content": "m1000"}]}
+    assert acme.post(path(key, "/messages"), json=last).status_code == 200
+    whole = acme.get(path(key))
+    assert whole.status_code == 400 and whole.json()["error"] == "too_many"
+    assert "after=" in whole.json()["detail"]
+    assert contents(acme, key, last=2) == ["m999", "m1000"]
+    page = acme.get(path(key), params={"after": 1000, "limit": 5}).json()
+    assert [m["content"] for m in page["messages"]] == ["m1000"]
 
 
 # Metrics and shutdown.

@@ -464,3 +464,18 @@ async def test_events_published_meanwhile_to_a_partition_that_goes_are_forwarded
         return (await reader.read(target)).count == 2
 
     await rig.eventually(both, what="the second forwarded event applied")
+
+
+async def test_a_dead_letter_follows_its_memory_through_two_changes(rig: Rig) -> None:
+    memory_id = next(
+        f"acme/{RESOURCE}/k{i}"
+        for i in range(10_000)
+        if len({partition_for(f"acme/{RESOURCE}/k{i}", n) for n in (4, 8, 16)}) == 3
+    )
+    letter = {"event": "{}", "reason": "read_only", "memory": memory_id, "entry": "1-0"}
+    await rig.client.xadd(rig.keys.dlq(partition_for(memory_id, PARTITIONS)), letter)
+    letters = DeadLetters(rig.client, rig.scripts, rig.keys)
+    for n in (8, 16):
+        await tool(rig).run(n)
+        found = [(d.partition, d.fields["memory"]) for d in await letters.list()]
+        assert found == [(partition_for(memory_id, n), memory_id)], n
