@@ -41,10 +41,13 @@ from events.errors import (
     EventError,
     NewerSchemaError,
     PartiallyPublishedError,
+    PartitionsChangingError,
     PublishError,
     PublishOutcomeUnknownError,
     ReadOnlyError,
+    RedisOutOfMemoryError,
     RedisUnavailableError,
+    is_out_of_memory,
 )
 from events.limits import RequestLimits
 from events.publisher import Published, Publisher, Receipt
@@ -82,12 +85,14 @@ __all__ = [
     "MessageErased",
     "NewerSchemaError",
     "PartiallyPublishedError",
+    "PartitionsChangingError",
     "PublishError",
     "PublishOutcomeUnknownError",
     "Published",
     "Publisher",
     "ReadOnlyError",
     "Receipt",
+    "RedisOutOfMemoryError",
     "RedisUnavailableError",
     "ReplacePayload",
     "RequestLimits",
@@ -101,6 +106,7 @@ __all__ = [
     "encode",
     "event_json",
     "event_schema",
+    "is_out_of_memory",
     "partition_for",
     "sanitize_key",
 ]

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.exceptions import OutOfMemoryError
+
+#: How Redis words a refusal for lack of memory: "OOM command not allowed when used
+#: memory > 'maxmemory'." (Redis 7 drops the "OOM" code inside a script).
+_OOM_TEXT = "used memory > 'maxmemory'"
+
 
 class EventError(Exception):
     """Root of the events package's errors."""
@@ -39,6 +45,35 @@ class PublishError(EventError):
 
 class RedisUnavailableError(PublishError):
     """Redis could not be reached: the event was not published."""
+
+
+class RedisOutOfMemoryError(RedisUnavailableError):
+    """Redis refused the events for lack of memory (``maxmemory`` reached under the
+    ``noeviction`` policy): nothing was published. Publish again (with the same
+    idempotency keys) once memory is freed or ``maxmemory`` is raised."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "Redis is out of memory (used memory is over its maxmemory) and refused the "
+            "events: nothing was published; publish them again once the processors have "
+            "caught up and trimmed their streams or maxmemory is raised "
+            f"(Redis said: {detail.strip()})"
+        )
+        self.detail = detail
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """Is ``error`` (an exception, or a reply's text) Redis refusing a write because it
+    is out of memory? True also for the refusal of a write inside a script."""
+    if isinstance(error, OutOfMemoryError):
+        return True
+    text = str(error)
+    return _OOM_TEXT in text or text.startswith("OOM ") or "-OOM " in text
+
+
+class PartitionsChangingError(RedisUnavailableError):
+    """``memstream repartition`` is changing the partition count: nothing was published.
+    Publish again once it has finished (a publisher reads the new count by itself)."""
 
 
 class PublishOutcomeUnknownError(PublishError):

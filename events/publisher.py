@@ -42,10 +42,13 @@ from events.envelope import (
 from events.errors import (
     BacklogFullError,
     PartiallyPublishedError,
+    PartitionsChangingError,
     PublishError,
     PublishOutcomeUnknownError,
     ReadOnlyError,
+    RedisOutOfMemoryError,
     RedisUnavailableError,
+    is_out_of_memory,
 )
 from events.limits import RequestLimits
 from memory import (
@@ -58,6 +61,7 @@ from memory import (
 )
 from store import (
     TRANSIENT_ERRORS,
+    CircuitOpenError,
     Group,
     Keys,
     MemoryReader,
@@ -70,6 +74,7 @@ from store import (
     ensure_groups,
     ensure_partitions,
 )
+from store.config import PARTITIONS_TTL, read_partitions
 
 T = TypeVar("T")
 #: A producer creates the consumer groups of the streams it writes, no others.
@@ -138,22 +143,37 @@ class Publisher:
         self._max_event_bytes = self._limits.max_event_bytes
         self._backlog_wait = backlog_wait
         self._partitions: int | None = None
+        self._partitions_read = 0.0
         self._ready: set[int] = set()
         self._lifecycle_ready = False
         self.reader = MemoryReader(client, self._scripts, self._keys)
 
     async def partitions(self) -> int:
-        """The partition count stored in Redis (stored first if none is set)."""
-        if self._partitions is None:
-            self._partitions = await self._guard(
+        """The partition count stored in Redis (stored first if none is set), read again
+        every PARTITIONS_TTL seconds; raises PartitionsChangingError while
+        ``memstream repartition`` runs."""
+        now = time.monotonic()
+        if self._partitions is not None and now - self._partitions_read < PARTITIONS_TTL:
+            return self._partitions
+        stored, target = await self._guard(read_partitions(self._client, self._keys))
+        if target is not None:
+            raise PartitionsChangingError(
+                f"the partition count is changing to {target}: nothing was published; "
+                f"publish again once `memstream repartition` has finished"
+            )
+        if stored is None:
+            stored = await self._guard(
                 ensure_partitions(self._client, self._keys, self._default_partitions)
             )
-        return self._partitions
+        self._partitions, self._partitions_read = stored, now
+        return stored
 
     async def _guard(self, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
         except TRANSIENT_ERRORS as e:
+            if is_out_of_memory(e):
+                raise RedisOutOfMemoryError(str(e)) from e
             raise RedisUnavailableError(f"Redis is unreachable, nothing was published: {e}") from e
 
     async def publish(
@@ -336,6 +356,8 @@ class Publisher:
                     partition=p,
                     held=held,
                 )
+            if is_out_of_memory(failed[0][1]):
+                raise RedisOutOfMemoryError(failed[0][1])
             raise PublishError(f"Redis refused the events ({failed[0][1]}); nothing was published")
         published = [
             Receipt(p, str(ids[i]), e.event_id, str(e.idempotency_key))
@@ -371,16 +393,22 @@ class Publisher:
             if isinstance(self._client, RedisCluster):
                 # No scripts in cluster pipelines: one call per partition, concurrently
                 # (each goes to the node that owns the partition's slot).
-                return list(
-                    await asyncio.gather(
-                        *(self._scripts("publish_events", k, a) for k, a in calls),
-                        return_exceptions=True,
-                    )
+                replies = await asyncio.gather(
+                    *(self._scripts("publish_events", k, a) for k, a in calls),
+                    return_exceptions=True,
                 )
+                opened = [r for r in replies if isinstance(r, CircuitOpenError)]
+                if opened and len(opened) == len(replies):
+                    raise opened[0]
+                return list(replies)
             pipe = self._client.pipeline(transaction=False)
             for k, a in calls:
                 self._scripts.queue(pipe, "publish_events", k, a)
             return list(await pipe.execute(raise_on_error=False))
+        except CircuitOpenError as e:  # failing fast: nothing was sent
+            raise RedisUnavailableError(
+                f"Redis is unreachable, nothing was published (fail-fast): {e}"
+            ) from e
         except RedisTimeoutError as e:
             raise PublishOutcomeUnknownError(
                 f"no reply from Redis ({e}): {unknown}", idempotency_keys=keys

@@ -31,6 +31,7 @@ from store import (
     PartitionStreams,
     RedisClient,
     Scripts,
+    breaker_of,
     connect,
     describe,
     ensure_partitions,
@@ -89,7 +90,18 @@ class App:
 
     async def __aenter__(self) -> App:
         self.url = self._resolve_url()
-        self._client = connect(self.url, cluster=self.settings.cluster or None)
+        s = self.settings
+        self._client = connect(
+            self.url,
+            cluster=s.cluster or None,
+            socket_timeout=s.socket_timeout,
+            connect_timeout=min(3.0, s.socket_timeout),
+            breaker_threshold=s.breaker_threshold,
+            breaker_reset=s.breaker_reset,
+        )
+        breaker = breaker_of(self._client)
+        if breaker is not None:
+            self.metrics.watch_circuit(breaker)
         self._scripts = Scripts(self._client, strict=self.settings.strict_script_keys)
         try:
             await self._scripts.load()

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from events.errors import (
     BacklogFullError,
     PartiallyPublishedError,
+    PartitionsChangingError,
     PublishError,
     PublishOutcomeUnknownError,
     ReadOnlyError,
@@ -32,7 +33,13 @@ from memory import DomainError, UnknownResourceError
 from processors.app import App
 from processors.gatewayroutes import GatewayError, router
 from processors.settings import Settings
-from store import TRANSIENT_ERRORS, GenerationChangedError, OutcomeMismatchError, WaitTimeoutError
+from store import (
+    TRANSIENT_ERRORS,
+    GenerationChangedError,
+    OutcomeMismatchError,
+    RepartitionInProgressError,
+    WaitTimeoutError,
+)
 from store.apikeys import ApiKeys
 
 Scope = MutableMapping[str, Any]
@@ -169,6 +176,8 @@ def _errors(api: FastAPI) -> None:
         (WaitTimeoutError, 504, "timeout"),
         (OutcomeMismatchError, 503, "lost"),
         (ReadOnlyError, 403, "read_only"),
+        (PartitionsChangingError, 503, "repartitioning"),
+        (RepartitionInProgressError, 503, "repartitioning"),
         (RedisUnavailableError, 503, "unavailable"),
         (PublishOutcomeUnknownError, 503, "outcome_unknown"),
         (PartiallyPublishedError, 503, "partially_published"),
@@ -210,7 +219,10 @@ def _errors(api: FastAPI) -> None:
         async def handler(
             request: Request, e: Exception, status: int = status, error: str = error
         ) -> JSONResponse:
-            return _error(status, error, str(e))
+            reply = _error(status, error, str(e))
+            if status == 503:
+                reply.headers["Retry-After"] = "1"
+            return reply
 
         api.add_exception_handler(kind, handler)
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from store import CircuitBreaker, CircuitState
+
 #: Seconds: from a millisecond script call to a slow LLM summary.
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -138,6 +140,20 @@ class Metrics:
             registry=r,
         )
 
+        self.circuit_state = Gauge(
+            "memstream_circuit_state",
+            "A Redis client's circuit breaker: 0 closed, 1 half-open (the next call is a "
+            "trial), 2 open (calls fail at once)",
+            ["client"],
+            registry=r,
+        )
+        self.circuit_opens = Counter(
+            "memstream_circuit_opens_total",
+            "Times a Redis client's circuit breaker opened",
+            ["client"],
+            registry=r,
+        )
+
         self.gateway_requests = Counter(
             "memstream_gateway_requests_total",
             "HTTP gateway requests, by method, route template and status",
@@ -160,6 +176,17 @@ class Metrics:
         """A partition given up: its lag is no longer this process's to report."""
         with contextlib.suppress(KeyError):
             self.lag.remove(processor, str(partition))
+
+    def watch_circuit(self, breaker: CircuitBreaker) -> None:
+        """Report a client's breaker: its state at every scrape, and each opening."""
+        self.circuit_state.labels(breaker.name).set_function(lambda: float(breaker.state))
+        opens = self.circuit_opens.labels(breaker.name)
+
+        def changed(state: CircuitState) -> None:
+            if state is CircuitState.OPEN:
+                opens.inc()
+
+        breaker.add_listener(changed)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Serve ``/metrics`` on ``port`` (a thread of this process)."""

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +70,9 @@ class PartitionState:
 
     partition: int
     lease: Lease
+    #: When the lease may expire (time.monotonic()): the last successful refresh, or the
+    #: acquisition, was sent a lease TTL before. The worker gives the partition up then.
+    valid_until: float = math.inf
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     lost: bool = False
     idle: bool = False

@@ -11,7 +11,8 @@ import click
 
 from processors.app import App
 from processors.clitools import EXIT_REFUSED, command, settings_from
-from store.repartition import Repartitioned, Repartitioner, RepartitionRefusedError
+from store.errors import RepartitionRefusedError
+from store.repartition import Repartitioned, Repartitioner
 
 #: How often --wait-drained says what it still waits for.
 WAIT_REPORT_SECONDS = 10.0

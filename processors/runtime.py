@@ -1,6 +1,10 @@
 """The partitioned consumer runtime: membership with heartbeats, rendezvous assignment,
 leases with fencing, one loop per owned partition, rebalancing and graceful shutdown.
 
+A partition whose lease has not been refreshed for its TTL (Redis unreachable or hung)
+is given up at once, even while its loop waits for Redis: by then another worker may
+hold it. It is acquired again, with a new fence, once Redis answers.
+
 The same runtime serves every partitioned processor; each runs as its own consumer
 group with its own membership and leases.
 """
@@ -13,26 +17,34 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 
 from processors.assignment import assigned
+from processors.failures import Backoff
 from processors.metrics import Metrics
 from processors.partition import LoopConfig, PartitionLoop, PartitionState
 from processors.port import Processor
 from store import (
     GROUP_TOPIC,
     TRANSIENT_ERRORS,
+    CircuitRecord,
     Keys,
     Leases,
+    PartitionCountChangedError,
     PartitionStreams,
     RedisClient,
     Scripts,
+    breaker_of,
     ensure_groups,
+    record_circuit,
 )
 from store.keys import SINGLE_PARTITION_TOPICS
 from store.repartition import refuse_while_repartitioning
 
 log = logging.getLogger(__name__)
+#: How long the breaker record of a worker not heard from stays (``memstream status``).
+CIRCUIT_RECORD_KEEP_MS = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +90,16 @@ class Worker:
         self._scripts = scripts
         self._keys = keys
         self._processor = processor
-        self.leases = Leases(scripts, keys, self.group.value, self.config.lease_ttl_ms)
+        # A lease is taken only of a partition of this worker's count (a worker paused
+        # through a `memstream repartition` never works on the old count again).
+        single = GROUP_TOPIC[self.group] in SINGLE_PARTITION_TOPICS
+        self.leases = Leases(
+            scripts,
+            keys,
+            self.group.value,
+            self.config.lease_ttl_ms,
+            partitions=0 if single else partitions,
+        )
         self.streams = PartitionStreams(client, scripts, keys, self.group)
         self.owned: dict[int, PartitionState] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -86,6 +107,8 @@ class Worker:
         self.members: list[str] = []
         self.rebalances = 0
         self._task_group: asyncio.TaskGroup | None = None
+        self._watchdogs: dict[int, asyncio.Task[None]] = {}
+        self._breaker = breaker_of(client)
 
     @property
     def processor(self) -> Processor:
@@ -94,6 +117,22 @@ class Worker:
     @property
     def member_ttl_ms(self) -> int:
         return self.config.lease_ttl_ms
+
+    @property
+    def _lease_ttl(self) -> float:
+        return self.config.lease_ttl_ms / 1000
+
+    async def _record_circuit(self, *, leave: bool = False) -> None:
+        """Record this client's breaker for ``memstream status`` (never a reason to fail)."""
+        if self._breaker is None:
+            return
+        record = None if leave else CircuitRecord.of(self._breaker)
+        try:
+            await record_circuit(
+                self._scripts, self._keys, self.group.value, self.id, record, CIRCUIT_RECORD_KEEP_MS
+            )
+        except TRANSIENT_ERRORS as e:
+            log.debug("worker %s: recording the circuit breaker failed (%s)", self.id, e)
 
     async def heartbeat(self, *, leave: bool = False) -> list[str]:
         reply = await self._scripts(
@@ -109,18 +148,25 @@ class Worker:
         log.info("worker %s (%s) starting", self.id, self.group.value)
         try:
             # A member first, then the check: a repartition starting now sees this worker.
-            await self.heartbeat()
+            if not await self._first_heartbeat(stop):
+                return
             single = GROUP_TOPIC[self.group] in SINGLE_PARTITION_TOPICS
             await refuse_while_repartitioning(
                 self._client, self._keys, None if single else self.partitions
             )
             # One task group holds the loops of the owned partitions: leaving it waits
             # for every loop to finish its batch and release its lease.
+            changed: PartitionCountChangedError | None = None
             async with asyncio.TaskGroup() as tasks:
                 self._task_group = tasks
                 try:
                     while not stop.is_set():
-                        await self._tick()
+                        try:
+                            await self._tick()
+                        except PartitionCountChangedError as e:
+                            log.error("worker %s stops: %s", self.id, e)
+                            changed = e
+                            break
                         if until_idle and self._idle():
                             break
                         with contextlib.suppress(TimeoutError):
@@ -129,9 +175,27 @@ class Worker:
                 finally:
                     for state in self.owned.values():
                         state.stop.set()
+            if changed is not None:  # every loop stopped and its lease released
+                raise changed
         finally:
             self._task_group = None
             await self.shutdown()
+
+    async def _first_heartbeat(self, stop: asyncio.Event) -> bool:
+        """Become a member, retrying with backoff while Redis cannot be reached or
+        refuses writes (out of memory); False when stopped meanwhile."""
+        backoff = Backoff(base=0.1, cap=self.config.heartbeat_ms / 1000 * 5)
+        while not stop.is_set():
+            try:
+                await self.heartbeat()
+                return True
+            except TRANSIENT_ERRORS as e:
+                log.warning("worker %s: cannot join the %s group yet (%s)", self.id, self.group, e)
+                self.metrics.redis_errors.labels(self.group.value, type(e).__name__).inc()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff.next()):
+                    await stop.wait()
+        return False
 
     def _idle(self) -> bool:
         desired = assigned(self.id, self.members, self.partitions)
@@ -150,6 +214,8 @@ class Worker:
             log.warning("worker %s: heartbeat failed (%s)", self.id, e)
             self.metrics.redis_errors.labels(self.group.value, type(e).__name__).inc()
             members = None
+        if members is not None:
+            await self._record_circuit()
         if members is not None and members != self.members:
             if self.members:
                 self.rebalances += 1
@@ -167,7 +233,9 @@ class Worker:
         self.metrics.partitions_owned.labels(self.group.value).set(len(self.owned))
 
     async def _keep(self, desired: set[int]) -> None:
-        """Renew the leases of the partitions to keep; let the others go."""
+        """Renew the leases of the partitions to keep (all at once, so one slow reply
+        does not delay the others); let the others go."""
+        renew = []
         for p, state in list(self.owned.items()):
             if self._tasks[p].done():
                 del self.owned[p], self._tasks[p]
@@ -175,23 +243,58 @@ class Worker:
             if p not in desired:
                 state.stop.set()
                 continue
-            try:
-                if not await self.leases.refresh(state.lease):
-                    log.warning("worker %s: lease on partition %d lost", self.id, p)
-                    self.metrics.lease_losses.labels(self.group.value).inc()
-                    state.lost = True
-                    state.stop.set()
-            except TRANSIENT_ERRORS as e:
-                log.warning("worker %s: lease refresh failed (%s)", self.id, e)
+            if not state.stop.is_set():  # a partition given up is not renewed
+                renew.append(state)
+        if renew:
+            await asyncio.gather(*(self._refresh(state) for state in renew))
+
+    async def _refresh(self, state: PartitionState) -> None:
+        sent = time.monotonic()  # Redis extends the lease after this: safe to count from
+        try:
+            held = await self.leases.refresh(state.lease)
+        except TRANSIENT_ERRORS as e:
+            log.warning(
+                "worker %s: lease refresh of partition %d failed (%s)", self.id, state.partition, e
+            )
+            return
+        if held:
+            state.valid_until = sent + self._lease_ttl
+            return
+        log.warning("worker %s: lease on partition %d lost", self.id, state.partition)
+        self.metrics.lease_losses.labels(self.group.value).inc()
+        state.lost = True
+        state.stop.set()
+
+    async def _expire(self, state: PartitionState) -> None:
+        """Give the partition up once its lease may have expired: the last successful
+        refresh (or the acquisition) was sent a lease TTL ago."""
+        while not state.stop.is_set():
+            left = state.valid_until - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "worker %s: lease on partition %d not renewed for %.1fs (its TTL): giving "
+                    "the partition up",
+                    self.id,
+                    state.partition,
+                    self._lease_ttl - left,
+                )
+                self.metrics.lease_losses.labels(self.group.value).inc()
+                state.lost = True
+                state.stop.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await state.stop.wait()
 
     async def _acquire(self, p: int) -> None:
         if p not in self._groups_ready:
             await ensure_groups(self._scripts, self._keys, p)
             self._groups_ready.add(p)
+        sent = time.monotonic()
         lease = await self.leases.acquire(p, self.id)
         if lease is None:
             return
-        state = PartitionState(p, lease)
+        state = PartitionState(p, lease, valid_until=sent + self._lease_ttl)
         loop = PartitionLoop(
             scripts=self._scripts,
             keys=self._keys,
@@ -210,11 +313,15 @@ class Worker:
 
     async def _own(self, loop: PartitionLoop) -> None:
         state = loop.state
+        self._watchdogs[state.partition] = asyncio.create_task(self._expire(state))
         try:
             await loop.run()
         except Exception:  # never let one partition abort the others (the task group)
             log.exception("worker %s: partition %d loop failed", self.id, state.partition)
         finally:
+            watchdog = self._watchdogs.pop(state.partition, None)
+            if watchdog is not None:
+                watchdog.cancel()
             if not state.lost:
                 with contextlib.suppress(*TRANSIENT_ERRORS):
                     await self.leases.release(state.lease)
@@ -233,4 +340,5 @@ class Worker:
         self.metrics.partitions_owned.labels(self.group.value).set(0)
         with contextlib.suppress(*TRANSIENT_ERRORS):
             await self.heartbeat(leave=True)
+        await self._record_circuit(leave=True)
         log.info("worker %s (%s) stopped", self.id, self.group.value)

@@ -24,6 +24,11 @@ def _seconds(value: object) -> float:
     return parse_duration(value)
 
 
+#: The longest deadline of a Redis command, and how much earlier a blocking read ends.
+MAX_SOCKET_TIMEOUT = 15.0
+BLOCK_MARGIN = 0.5
+
+
 class Settings(BaseSettings):
     """Every setting of a memstream process. Environment variables are ``MEMSTREAM_<NAME>``
     (``REDIS_URL`` also works for the URL); durations accept ``30s``, ``5m``, ``24h``."""
@@ -47,6 +52,17 @@ class Settings(BaseSettings):
     )
     lease_ttl: float = Field(default=10.0, description="partition lease TTL (at least 5s)")
     heartbeat: float = Field(default=1.0, description="membership heartbeat and lease refresh")
+    breaker_threshold: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="failures to reach Redis in a row that open a client's circuit breaker "
+        "(calls then fail at once)",
+    )
+    breaker_reset: float = Field(
+        default=5.0,
+        description="how long a circuit breaker stays open before one trial call goes through",
+    )
     batch_size: int = Field(default=100, ge=1, le=1000, description="entries per batch")
     block: float = Field(default=1.0, description="longest wait for new entries")
     max_attempts: int = Field(
@@ -129,6 +145,7 @@ class Settings(BaseSettings):
         "trim_interval",
         "summary_timeout",
         "backlog_wait",
+        "breaker_reset",
         mode="before",
     )
     @classmethod
@@ -146,10 +163,14 @@ class Settings(BaseSettings):
     @classmethod
     def _block(cls, value: float) -> float:
         if not 0.01 <= value <= 10:
-            raise ValueError(
-                "block must be between 0.01s and 10s (every command, a blocking read too, "
-                "must answer within the 15s socket timeout)"
-            )
+            raise ValueError("block must be between 0.01s and 10s")
+        return value
+
+    @field_validator("breaker_reset")
+    @classmethod
+    def _breaker_reset(cls, value: float) -> float:
+        if not 0.1 <= value <= 3600:
+            raise ValueError("breaker_reset must be between 0.1s and 1h")
         return value
 
     @field_validator("idempotency_window", "tombstone_ttl", "outcome_ttl")
@@ -176,6 +197,22 @@ class Settings(BaseSettings):
                 f"so a lease is renewed several times before it can expire"
             )
         return value
+
+    @model_validator(mode="after")
+    def _block_within_timeout(self) -> Settings:
+        if self.block + BLOCK_MARGIN > self.socket_timeout:
+            raise ValueError(
+                f"block ({self.block:g}s) must end at least {BLOCK_MARGIN:g}s within the "
+                f"socket timeout ({self.socket_timeout:g}s, a third of lease_ttl): a blocking "
+                f"read must answer before the timeout that bounds every command"
+            )
+        return self
+
+    @property
+    def socket_timeout(self) -> float:
+        """The deadline of every Redis command: a third of the lease TTL (at most 15s),
+        so a hung connection is noticed while the leases are still held."""
+        return min(MAX_SOCKET_TIMEOUT, self.lease_ttl / 3)
 
     @model_validator(mode="after")
     def _windows(self) -> Settings:

@@ -1,14 +1,26 @@
-"""What ``memstream status`` shows: partitions, owners, fencing tokens, lag, dead letters."""
+"""What ``memstream status`` shows: partitions, owners, fencing tokens, lag, dead letters,
+and each worker's circuit breaker."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.exceptions import ResponseError
 
-from store import TOPIC_GROUPS, Group, Keys, LeaseHolder, RedisClient, Scripts, get_partitions
+from store import (
+    TOPIC_GROUPS,
+    CircuitRecord,
+    Group,
+    Keys,
+    LeaseHolder,
+    RedisClient,
+    Scripts,
+    get_partitions,
+    read_circuits,
+)
 from store.keys import SINGLE_PARTITION_TOPICS
 from store.streams import group_lag
 
@@ -33,6 +45,7 @@ class GroupStatus:
     group: str
     members: list[str]
     partitions: list[PartitionStatus]
+    circuits: dict[str, CircuitRecord] = field(default_factory=dict)  # live members' only
 
     @property
     def total_lag(self) -> int:
@@ -87,7 +100,20 @@ async def group_status(
                 held=json.loads(held) if held else None,
             )
         )
-    return GroupStatus(group.value, members, rows)
+    recorded = await read_circuits(client, keys, group.value)
+    circuits = {m: recorded[m] for m in members if m in recorded}
+    return GroupStatus(group.value, members, rows, circuits)
+
+
+def describe_circuit(record: CircuitRecord | None) -> str:
+    """``circuit: closed (opened 2 times, last at 2024-05-01 12:00:03Z)``"""
+    if record is None:
+        return "circuit: unknown (not recorded)"
+    times = "once" if record.opens == 1 else f"{record.opens} times"
+    if record.opens == 0 or record.last_opened_at is None:
+        return f"circuit: {record.state} (never opened)"
+    at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(record.last_opened_at))
+    return f"circuit: {record.state} (opened {times}, last at {at})"
 
 
 def render(status: GroupStatus) -> str:
@@ -105,6 +131,7 @@ def render(status: GroupStatus) -> str:
             f"{p.partition:>4}  {(p.owner or '(none)'):<28} {fence:>6} "
             f"{p.length:>8} {p.pending:>8} {lag:>8} {p.dead_letters:>6}  {held}"
         )
+    lines.extend(f"{m}: {describe_circuit(status.circuits.get(m))}" for m in status.members)
     lines.append(
         f"total: lag {status.total_lag}, pending {sum(p.pending for p in status.partitions)}, "
         f"dead letters {sum(p.dead_letters for p in status.partitions)}"
@@ -116,5 +143,6 @@ def as_json(status: GroupStatus) -> dict[str, Any]:
     return {
         "group": status.group,
         "members": status.members,
+        "circuits": {m: asdict(c) for m, c in status.circuits.items()},
         "partitions": [asdict(p) for p in status.partitions],
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import secrets
 from importlib import resources
 from pathlib import Path
 
@@ -43,9 +44,14 @@ def prepare_cache(folder: Path | None = None) -> Path:
         data = gzip.decompress(packed.read_bytes())
         if hashlib.sha256(data).hexdigest() != sha256:
             raise RuntimeError(f"the packaged {name} encoding does not match its SHA-256")
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(data)
-        partial.replace(target)
+        # A name of its own: workers starting together on one machine fill the cache
+        # at the same time, and each renames its own complete file into place.
+        partial = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+        try:
+            partial.write_bytes(data)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(cache))
     return cache
 

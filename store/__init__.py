@@ -1,8 +1,23 @@
 """Redis: connections, keys, Lua scripts, leases, the materialized memory and its reader."""
 
 from store.accounting import Accounts, MemoryCounts
+from store.breaker import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitRecord,
+    CircuitState,
+    read_circuits,
+    record_circuit,
+)
 from store.config import ensure_partitions, get_partitions
-from store.connection import TRANSIENT_ERRORS, RedisClient, connect, describe, is_cluster_url
+from store.connection import (
+    TRANSIENT_ERRORS,
+    RedisClient,
+    breaker_of,
+    connect,
+    describe,
+    is_cluster_url,
+)
 from store.deadletters import DeadLetter, DeadLetters
 from store.embedded import EmbeddedRedis, RedisServerProcess, find_embedded, find_server_binary
 from store.erasure import TenantErasure, erase_tenant, tenant_remnants
@@ -12,6 +27,10 @@ from store.errors import (
     LeaseLostError,
     NotConfiguredError,
     OutcomeMismatchError,
+    PartitionCountChangedError,
+    RepartitionError,
+    RepartitionInProgressError,
+    RepartitionRefusedError,
     ScriptKeyError,
     StoreError,
     WaitTimeoutError,
@@ -22,14 +41,7 @@ from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, MemoryKeys, Topic
 from store.lease import Lease, LeaseHolder, Leases
 from store.memory import ApplyBatch, Ending, Lookups, MemoryStore, Retention, Target
 from store.reader import ContextWindow, MemoryReader, MemoryView, Outcome, OutcomeStatus
-from store.repartition import (
-    Repartitioned,
-    Repartitioner,
-    RepartitionError,
-    RepartitionInProgressError,
-    RepartitionRefusedError,
-    refuse_while_repartitioning,
-)
+from store.repartition import Repartitioned, Repartitioner, refuse_while_repartitioning
 from store.scripts import Scripts
 from store.streams import Claim, Delivery, PartitionStreams, Settle, StreamEntry, ensure_groups
 
@@ -41,6 +53,10 @@ __all__ = [
     "ApplyBatch",
     "BudgetLimits",
     "Change",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CircuitRecord",
+    "CircuitState",
     "Claim",
     "ConnectionSetupError",
     "ContextWindow",
@@ -69,6 +85,7 @@ __all__ = [
     "Outcome",
     "OutcomeMismatchError",
     "OutcomeStatus",
+    "PartitionCountChangedError",
     "PartitionStreams",
     "RedisClient",
     "RedisServerProcess",
@@ -88,6 +105,7 @@ __all__ = [
     "TenantErasure",
     "Topic",
     "WaitTimeoutError",
+    "breaker_of",
     "connect",
     "describe",
     "ensure_groups",
@@ -98,6 +116,8 @@ __all__ = [
     "get_partitions",
     "is_cluster_url",
     "list_memories",
+    "read_circuits",
+    "record_circuit",
     "refuse_while_repartitioning",
     "tenant_remnants",
 ]

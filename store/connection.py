@@ -6,18 +6,23 @@
   any of its nodes (``cluster=True`` does the same for a plain URL).
 
 ACL users go in the URL's user part; every memstream command then runs as that user.
+
+Every client has its own circuit breaker (``store.breaker``): its commands and pipelines
+go through it, so while Redis is unreachable they fail at once with CircuitOpenError.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from store.breaker import CircuitBreaker
 from store.errors import ConnectionSetupError
 
 RedisClient: TypeAlias = Redis | RedisCluster
@@ -27,6 +32,81 @@ RedisClient: TypeAlias = Redis | RedisCluster
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+class GuardedPipeline(Pipeline):
+    """A pipeline whose execution goes through its client's breaker."""
+
+    breaker: CircuitBreaker | None = None
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        if self.breaker is None or not self.command_stack:
+            return await super().execute(raise_on_error)
+        return await self.breaker.call(lambda: super(GuardedPipeline, self).execute(raise_on_error))
+
+
+class GuardedRedis(Redis):
+    """A client of one Redis server whose every command goes through ``breaker``."""
+
+    breaker: CircuitBreaker | None = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self.breaker is None:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        return await self.breaker.call(
+            lambda: super(GuardedRedis, self).execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        )
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = GuardedPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.breaker = self.breaker
+        return pipe
+
+
+class GuardedClusterPipeline(ClusterPipeline):
+    """A cluster pipeline whose execution goes through its client's breaker."""
+
+    breaker: CircuitBreaker | None = None
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        if self.breaker is None:
+            return await super().execute(raise_on_error, allow_redirections)
+        return await self.breaker.call(
+            lambda: super(GuardedClusterPipeline, self).execute(raise_on_error, allow_redirections)
+        )
+
+
+class GuardedRedisCluster(RedisCluster):
+    """A Redis Cluster client whose every command goes through ``breaker`` (one breaker
+    for the cluster: a node that cannot be reached makes the cluster client fail over or
+    fail, and those failures are what counts)."""
+
+    breaker: CircuitBreaker | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self.breaker is None:
+            return await super().execute_command(*args, **kwargs)
+        return await self.breaker.call(
+            lambda: super(GuardedRedisCluster, self).execute_command(*args, **kwargs)
+        )
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        pipe = GuardedClusterPipeline(self, transaction)  # type: ignore[abstract]
+        pipe.breaker = self.breaker
+        return pipe
+
+
+def breaker_of(client: RedisClient) -> CircuitBreaker | None:
+    """The circuit breaker of a client made by ``connect`` (None for another client)."""
+    return getattr(client, "breaker", None)
 
 
 def is_cluster_url(url: str) -> bool:
@@ -40,10 +120,14 @@ def connect(
     socket_timeout: float = 15.0,
     connect_timeout: float = 3.0,
     max_connections: int | None = None,
+    breaker_threshold: int = 5,
+    breaker_reset: float = 5.0,
 ) -> RedisClient:
     """A client for ``url``; responses are decoded as UTF-8 strings.
 
     ``socket_timeout`` bounds every command (blocking reads use shorter blocks than it).
+    After ``breaker_threshold`` failures to reach Redis in a row, commands fail at once
+    with CircuitOpenError for ``breaker_reset`` seconds, then one trial call goes through.
     The client never re-sends a command by itself: a script that ran but whose reply was
     lost must not run twice behind the caller's back (MOVED and ASK redirections are
     still followed). Callers retry with backoff, and the scripts are idempotent.
@@ -66,18 +150,21 @@ def connect(
         "socket_connect_timeout": connect_timeout,
         "health_check_interval": 30,
     }
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    breaker = CircuitBreaker(describe(url), breaker_threshold, breaker_reset)
+    client: GuardedRedis | GuardedRedisCluster
     try:
         if use_cluster:
             if plain_url.startswith("unix://"):
                 raise ConnectionSetupError("a Redis Cluster cannot be reached over a unix socket")
-            if max_connections is not None:
-                options["max_connections"] = max_connections
-            return RedisCluster.from_url(plain_url, **options)
-        if max_connections is not None:
-            options["max_connections"] = max_connections
-        return Redis.from_url(plain_url, **options)
+            client = cast(GuardedRedisCluster, GuardedRedisCluster.from_url(plain_url, **options))
+        else:
+            client = cast(GuardedRedis, GuardedRedis.from_url(plain_url, **options))
     except ValueError as e:
         raise ConnectionSetupError(f"invalid Redis URL {url!r}: {e}") from e
+    client.breaker = breaker
+    return client
 
 
 def describe(url: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class StoreError(Exception):
     """Root of the store package's errors."""
@@ -60,3 +62,39 @@ class OutcomeMismatchError(StoreError):
         super().__init__(message)
         self.partition = partition
         self.entry_id = entry_id
+
+
+class PartitionCountChangedError(StoreError):
+    """A partition belongs to another partition count than the caller's: the count was
+    changed (or is being changed) by ``memstream repartition``. Start the process again
+    once the change has finished."""
+
+    def __init__(self, partition: int, mine: int, belongs: str) -> None:
+        now = (
+            "is being changed"
+            if belongs == "moving"
+            else f"is now {belongs}, not the {mine} this process read when it started"
+        )
+        super().__init__(
+            f"partition {partition}: the partition count {now}; start the process again "
+            f"once `memstream repartition` has finished"
+        )
+        self.partition = partition
+        self.mine = mine
+        self.belongs = belongs
+
+
+class RepartitionError(StoreError):
+    """Root of the errors of a repartition."""
+
+
+class RepartitionRefusedError(RepartitionError):
+    """A precondition does not hold; ``problems`` says what is wrong and what to do."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("the partition count cannot change now:\n  " + "\n  ".join(self.problems))
+
+
+class RepartitionInProgressError(RepartitionError):
+    """The partition count is changing (or changed since this process read it)."""

@@ -7,6 +7,7 @@ partition tag. The layout, with the default namespace ``ms``::
 
     ms:config                         hash: partitions (the partition count)
     ms:members:<group>                zset: worker id -> last heartbeat (ms, Redis clock)
+    ms:circuits:<group>               hash: worker id -> its circuit breaker (JSON)
     ms:ingest:{p}                     stream: memory events for partition p
     ms:changes:{p}  ms:flush:{p}      streams: the appender's change events, flush requests
     ms:dlq:{p}                        stream: dead letters of partition p
@@ -16,6 +17,9 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:attempts:{p}:<group>           hash: entry id -> counted attempts
     ms:held:{p}:<group>               string: why the partition is held back (JSON)
     ms:counters:{p}                   hash: seq, gen (never expire, never reused)
+    ms:pcount:{p}                     string: the partition count p belongs to ('moving'
+                                      while ``memstream repartition`` runs); absent
+                                      until the count is first changed
     ms:lock:{<name>}                  string: a DistributedLock, <fence>:<owner>:<random>
     ms:lockfence:{<name>}             counter: the lock's fence (expires 7d after last use)
     ms:out:{p}:<minute>               hash: entry id -> outcome (JSON), minute of the entry id
@@ -106,6 +110,10 @@ class Keys:
     def members(self, group: str) -> str:
         return f"{self.namespace}:members:{group}"
 
+    def circuits(self, group: str) -> str:
+        """hash: worker id -> the state of its circuit breaker (``memstream status``)."""
+        return f"{self.namespace}:circuits:{group}"
+
     @staticmethod
     def tag(partition: int) -> str:
         return f"{{{partition}}}"
@@ -154,6 +162,10 @@ class Keys:
 
     def counters(self, partition: int) -> str:
         return f"{self.namespace}:counters:{{{partition}}}"
+
+    def partition_count(self, partition: int) -> str:
+        """string: the count the partition belongs to, checked by every lease taken."""
+        return f"{self.namespace}:pcount:{{{partition}}}"
 
     def outcomes(self, partition: int, entry_id: str, group: str = "appender") -> str:
         """The outcome bucket of an entry: one hash per minute of entry ids, per group

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from store.errors import PartitionCountChangedError
 from store.keys import Keys
 from store.scripts import Scripts
 
@@ -48,7 +49,12 @@ class LeaseHolder:
 class Leases:
     """Acquire, refresh and release the leases of one group's partitions."""
 
-    def __init__(self, scripts: Scripts, keys: Keys, group: str, ttl_ms: int) -> None:
+    def __init__(
+        self, scripts: Scripts, keys: Keys, group: str, ttl_ms: int, *, partitions: int = 0
+    ) -> None:
+        """``partitions``: the count the caller routes with; a lease of a partition that
+        belongs to another count (``memstream repartition`` ran or runs) is refused with
+        PartitionCountChangedError. 0: not checked (a topic of one partition)."""
         if ttl_ms < 1000:
             raise ValueError(f"lease TTL must be at least 1000 ms, got {ttl_ms}")
         self._scripts = scripts
@@ -56,6 +62,7 @@ class Leases:
         self.group = group
         self.ttl_ms = ttl_ms
         self._nonces: dict[int, str] = {}
+        self.partitions = partitions
 
     async def acquire(self, partition: int, worker: str) -> Lease | None:
         """The lease, or None while another worker holds it.
@@ -65,12 +72,18 @@ class Leases:
         nonce = self._nonces.setdefault(partition, secrets.token_hex(8))
         reply = await self._scripts(
             "acquire_lease",
-            [self._keys.lease(partition, self.group), self._keys.fence(partition, self.group)],
-            [worker, nonce, self.ttl_ms],
+            [
+                self._keys.lease(partition, self.group),
+                self._keys.fence(partition, self.group),
+                self._keys.partition_count(partition),
+            ],
+            [worker, nonce, self.ttl_ms, self.partitions],
         )
         self._nonces.pop(partition, None)
         if int(reply[0]) == 1:
             return Lease(partition, self.group, str(reply[1]))
+        if int(reply[0]) == 2:
+            raise PartitionCountChangedError(partition, self.partitions, str(reply[1]))
         return None
 
     async def refresh(self, lease: Lease) -> bool:

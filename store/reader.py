@@ -14,9 +14,14 @@ from typing import Any
 from memory import MemoryRef, MemoryResource, StoredMessage, partition_for
 from memory.flush import Counted, Priorities, fit_budget
 from memory.tokens import TokenCounter
-from store.config import get_partitions
+from store.config import PARTITIONS_TTL, get_partitions, read_partitions
 from store.connection import RedisClient
-from store.errors import GenerationChangedError, OutcomeMismatchError, WaitTimeoutError
+from store.errors import (
+    GenerationChangedError,
+    OutcomeMismatchError,
+    RepartitionInProgressError,
+    WaitTimeoutError,
+)
 from store.keys import Group, Keys
 from store.scripts import Scripts
 
@@ -107,11 +112,25 @@ class MemoryReader:
         self._scripts = scripts
         self._keys = keys
         self._partitions: int | None = None
+        self._partitions_read = 0.0
         self._touching: set[asyncio.Task[None]] = set()
 
     async def partitions(self) -> int:
-        if self._partitions is None:
-            self._partitions = await get_partitions(self._client, self._keys)
+        """The stored count, read again every PARTITIONS_TTL seconds; raises
+        RepartitionInProgressError while ``memstream repartition`` runs (a memory may be
+        in neither partition for a moment)."""
+        now = time.monotonic()
+        if self._partitions is None or now - self._partitions_read >= PARTITIONS_TTL:
+            stored, target = await read_partitions(self._client, self._keys)
+            if target is not None:
+                raise RepartitionInProgressError(
+                    f"the partition count is changing to {target}: read again once "
+                    f"`memstream repartition` has finished"
+                )
+            if stored is None:
+                await get_partitions(self._client, self._keys)  # raises: says what to do
+            self._partitions, self._partitions_read = stored, now
+        assert self._partitions is not None
         return self._partitions
 
     async def partition_of(self, ref: MemoryRef) -> int:

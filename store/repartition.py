@@ -46,16 +46,22 @@ from typing import Any, TypeVar
 from redis.exceptions import ResponseError
 
 from memory import partition_for
+from store.config import REPARTITION_TO
 from store.connection import RedisClient
 from store.erasure import SCAN_COUNT, _glob
-from store.errors import NotConfiguredError, StoreError
+from store.errors import (
+    NotConfiguredError,
+    RepartitionError,
+    RepartitionInProgressError,
+    RepartitionRefusedError,
+)
 from store.keys import GROUP_TOPIC, SINGLE_PARTITION_TOPICS, TOPIC_GROUPS, Group, Keys, Topic
 from store.lock import DistributedLock, LockNotAcquiredError
 from store.scripts import Scripts
 from store.streams import ensure_groups, group_lag
 
 #: Fields of the configuration hash that mark a migration in progress.
-MARK_TO, MARK_FROM = "repartition_to", "repartition_from"
+MARK_TO, MARK_FROM = REPARTITION_TO, "repartition_from"
 LOCK_NAME = "repartition"
 LOCK_TTL = 30.0
 CHUNK = 500
@@ -65,22 +71,6 @@ _INDEX_KINDS = ("tenant", "resource", "wf")
 _TAGGED = re.compile(r"\{(\d+)\}(?::(.+))?", re.DOTALL)
 _PARTITIONED = (Topic.INGEST, Topic.CHANGES, Topic.FLUSH)
 V = TypeVar("V")
-
-
-class RepartitionError(StoreError):
-    """Root of the errors of a repartition."""
-
-
-class RepartitionRefusedError(RepartitionError):
-    """A precondition does not hold; ``problems`` says what is wrong and what to do."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("the partition count cannot change now:\n  " + "\n  ".join(self.problems))
-
-
-class RepartitionInProgressError(RepartitionError):
-    """The partition count is changing (or changed since this process read it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,11 +245,15 @@ class Repartitioner:
                     await self._client.hset(
                         self._keys.config, mapping={MARK_TO: new, MARK_FROM: old}
                     )
+                # From here no worker takes a lease of any partition (acquire_lease
+                # checks the partition's count), not even one paused past its lease.
+                await self._set_counts(max(old, new), "moving")
                 # A worker that started before the mark was set is a member by now.
                 problems = await self.problems(old, new, resumed=resumed)
                 if not problems:
                     return Migration(old, new, resumed, await self._watermarks(new))
                 if not resumed:
+                    await self._set_counts(max(old, new), str(old))
                     await self._client.hdel(self._keys.config, MARK_TO, MARK_FROM)
             if time.monotonic() >= deadline:
                 raise RepartitionRefusedError(problems)
@@ -364,11 +358,21 @@ class Repartitioner:
         ended = await self._copy_ended(m, found)
         letters = await self._rehome_letters(m)
         forwarded, deleted = await self._drop_partitions(m, found)
+        # Every partition, kept or dropped, now refuses a lease to a worker of another
+        # count; then the count itself changes.
+        await self._set_counts(m.span, str(m.new))
         await self._client.hset(self._keys.config, "partitions", m.new)
         await self._client.hdel(self._keys.config, MARK_TO, MARK_FROM)
         return Repartitioned(
             m.old, m.new, m.resumed, moved, kept, entries, ended, letters, forwarded, deleted
         )
+
+    async def _set_counts(self, span: int, value: str) -> None:
+        """Set the count partitions 0 .. span-1 belong to (checked by acquire_lease)."""
+        pipe = self._client.pipeline(transaction=False)
+        for p in range(span):
+            pipe.set(self._keys.partition_count(p), value)
+        await pipe.execute()
 
     async def raise_counters(self, m: Migration) -> None:
         pipe = self._client.pipeline(transaction=False)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from events import MessageAppended, Publisher, event_json
+from events import MessageAppended, PartitionsChangingError, Publisher, event_json
 from events.envelope import AppendPayload, MemoryName
 from memory import MemoryRef, partition_for
-from processors import Appender
+from processors import Appender, Worker
 from processors.app import App
 from processors.settings import Settings
 from store import (
@@ -28,6 +28,7 @@ from store import (
     MemoryReader,
     MemoryStore,
     OutcomeStatus,
+    PartitionCountChangedError,
     Repartitioner,
     RepartitionInProgressError,
     RepartitionRefusedError,
@@ -428,13 +429,17 @@ async def test_the_cli_needs_yes_refuses_while_running_then_changes_the_count(
 
 
 async def test_events_published_meanwhile_to_a_partition_that_goes_are_forwarded(
-    rig: Rig,
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A producer that read the count (4) before the change and has not read it again
+    # (a publisher reads it every PARTITIONS_TTL seconds; here, never again).
+    monkeypatch.setattr("events.publisher.PARTITIONS_TTL", 3600.0)
+    stale = publisher(rig)
+    assert await stale.partitions() == PARTITIONS
     t = tool(rig)
     migration = await t.begin(2)
     assert migration is not None
-    # A producer still using 4 partitions publishes to partition 3 during the change.
-    stale = publisher(rig)
+    # It publishes to partition 3 during the change.
     target = next(
         ref(f"f{i}")
         for i in range(1000)
@@ -466,6 +471,27 @@ async def test_events_published_meanwhile_to_a_partition_that_goes_are_forwarded
     await rig.eventually(both, what="the second forwarded event applied")
 
 
+async def test_producers_and_readers_refuse_during_a_change_and_follow_it_after(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("events.publisher.PARTITIONS_TTL", 0.0)
+    monkeypatch.setattr("store.reader.PARTITIONS_TTL", 0.0)
+    producer, reader = publisher(rig), MemoryReader(rig.client, rig.scripts, rig.keys)
+    memory = ref("follow")
+    assert await producer.partitions() == PARTITIONS
+    t = tool(rig)
+    assert await t.begin(6) is not None
+    with pytest.raises(PartitionsChangingError, match="changing to 6"):
+        await producer.append(memory, user("refused"))
+    with pytest.raises(RepartitionInProgressError, match="changing to 6"):
+        await reader.read(memory)
+    await t.run(6)
+    published = await producer.append(memory, user("after"))
+    assert published.receipt is not None
+    assert published.receipt.partition == partition_for(memory.memory_id, 6)
+    assert await reader.partition_of(memory) == partition_for(memory.memory_id, 6)
+
+
 async def test_a_dead_letter_follows_its_memory_through_two_changes(rig: Rig) -> None:
     memory_id = next(
         f"acme/{RESOURCE}/k{i}"
@@ -479,3 +505,61 @@ async def test_a_dead_letter_follows_its_memory_through_two_changes(rig: Rig) ->
         await tool(rig).run(n)
         found = [(d.partition, d.fields["memory"]) for d in await letters.list()]
         assert found == [(partition_for(memory_id, n), memory_id)], n
+
+
+async def test_a_worker_paused_through_a_change_never_works_on_the_old_count(rig: Rig) -> None:
+    """Paused past its lease and membership (like SIGSTOP), a worker of the old count
+    wakes after the change: it takes no lease, so it can neither apply an event of a new
+    producer (dead-lettering it ``misrouted``) nor recreate a moved memory."""
+    moved = next(
+        MemoryRef("acme", RESOURCE, f"k{i}")
+        for i in range(10_000)
+        if partition_for(f"acme/{RESOURCE}/k{i}", 4) != partition_for(f"acme/{RESOURCE}/k{i}", 6)
+    )
+    stale = rig.start("stale")
+    rig.start("accountant", rig.accountant())
+    rig.start("summarizer", rig.summarizer())
+    assert (await rig.publisher.append(moved, user("before"), wait=True)).outcome is not None
+
+    async def drained() -> bool:
+        problems = await tool(rig).problems(PARTITIONS, 6)
+        return all("live worker" in p or "leases" in p for p in problems)
+
+    await rig.eventually(drained, timeout=30, what="the streams drained")
+    await rig.stop("accountant")
+    await rig.stop("summarizer")
+    gate = asyncio.Event()
+    tick = stale._tick
+
+    async def paused() -> None:
+        await gate.wait()
+        await tick()
+
+    stale._tick = paused  # type: ignore[method-assign]
+    await tool(rig).run(6, wait=30)
+    fresh = Publisher(rig.client, keys=rig.keys, scripts=rig.scripts)
+    new = await fresh.append(moved, user("after"))
+    gate.set()  # the paused worker wakes up
+    _, _, task = rig.running.pop("stale")
+    with pytest.raises(PartitionCountChangedError, match="is now 6, not the 4"):
+        await asyncio.wait_for(task, 20)
+    old = rig.keys.memory(partition_for(moved.memory_id, 4), moved.memory_id)
+    assert not await rig.client.exists(old.log, old.meta)
+    assert new.receipt is not None
+    assert await rig.reader.outcome(new.receipt.partition, new.receipt.entry_id) is None
+    # A worker of the new count applies it.
+    store = MemoryStore(rig.scripts, rig.keys, Retention())
+    appender = Appender(store, rig.keys, rig.registry, 6)
+    worker = Worker(rig.client, rig.scripts, rig.keys, appender, 6, FAST, worker_id="new")
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        outcome = await fresh.wait_applied(new.receipt, timeout=20)
+        assert outcome.ok, outcome
+        assert [str(m.content) for m in (await fresh.reader.read(moved)).messages] == [
+            "before",
+            "after",
+        ]
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)

@@ -9,7 +9,16 @@ import time
 
 import pytest
 
-from store import Group, Keys, Lease, LeaseHolder, Leases, RedisClient, Scripts
+from store import (
+    Group,
+    Keys,
+    Lease,
+    LeaseHolder,
+    Leases,
+    PartitionCountChangedError,
+    RedisClient,
+    Scripts,
+)
 
 P = 3
 GROUP = Group.APPENDER.value
@@ -72,9 +81,8 @@ async def test_a_refused_acquisition_reports_the_holder_and_its_ttl(
     leases: Leases, scripts: Scripts, keys: Keys
 ) -> None:
     lease = await acquired(leases, P, "w1")
-    reply = await scripts(
-        "acquire_lease", [keys.lease(P, GROUP), keys.fence(P, GROUP)], ["w2", "abcd", TTL]
-    )
+    lease_keys = [keys.lease(P, GROUP), keys.fence(P, GROUP), keys.partition_count(P)]
+    reply = await scripts("acquire_lease", lease_keys, ["w2", "abcd", TTL, 0])
     assert reply[0] == 0
     assert reply[1] == lease.value
     assert 0 < int(reply[2]) <= TTL
@@ -83,15 +91,36 @@ async def test_a_refused_acquisition_reports_the_holder_and_its_ttl(
 async def test_a_retried_acquisition_returns_the_lease_it_took(
     leases: Leases, scripts: Scripts, client: RedisClient, keys: Keys
 ) -> None:
-    lease_keys = [keys.lease(P, GROUP), keys.fence(P, GROUP)]
-    first = await scripts("acquire_lease", lease_keys, ["w1", "0123abcd", TTL])
-    again = await scripts("acquire_lease", lease_keys, ["w1", "0123abcd", TTL])
+    lease_keys = [keys.lease(P, GROUP), keys.fence(P, GROUP), keys.partition_count(P)]
+    first = await scripts("acquire_lease", lease_keys, ["w1", "0123abcd", TTL, 0])
+    again = await scripts("acquire_lease", lease_keys, ["w1", "0123abcd", TTL, 0])
     assert first == again == [1, "1:w1:0123abcd"]
     assert await client.get(keys.fence(P, GROUP)) == "1"
     # Another nonce of the same worker, or the same nonce of another worker, is refused.
-    assert (await scripts("acquire_lease", lease_keys, ["w1", "ffff0000", TTL]))[0] == 0
-    assert (await scripts("acquire_lease", lease_keys, ["w2", "0123abcd", TTL]))[0] == 0
-    assert (await scripts("acquire_lease", lease_keys, ["1:w1", "0123abcd", TTL]))[0] == 0
+    assert (await scripts("acquire_lease", lease_keys, ["w1", "ffff0000", TTL, 0]))[0] == 0
+    assert (await scripts("acquire_lease", lease_keys, ["w2", "0123abcd", TTL, 0]))[0] == 0
+    assert (await scripts("acquire_lease", lease_keys, ["1:w1", "0123abcd", TTL, 0]))[0] == 0
+
+
+async def test_a_lease_is_taken_only_for_the_count_the_partition_belongs_to(
+    scripts: Scripts, client: RedisClient, keys: Keys
+) -> None:
+    """Before the count was ever changed nothing is checked; after, only workers of the
+    partition's count get a lease, and none while it is 'moving'."""
+    mine = Leases(scripts, keys, GROUP, TTL, partitions=4)
+    first = await mine.acquire(P, "w1")
+    assert first is not None
+    await mine.release(first)
+    await client.set(keys.partition_count(P), "moving")
+    with pytest.raises(PartitionCountChangedError, match="is being changed"):
+        await mine.acquire(P, "w1")
+    await client.set(keys.partition_count(P), "6")
+    with pytest.raises(PartitionCountChangedError, match="is now 6, not the 4"):
+        await mine.acquire(P, "w1")
+    assert await client.get(keys.lease(P, GROUP)) is None
+    assert await Leases(scripts, keys, GROUP, TTL, partitions=6).acquire(P, "w2") is not None
+    # A topic of one partition (the lifecycle stream) is not checked.
+    assert await Leases(scripts, keys, "cleanup", TTL).acquire(P, "w3") is not None
 
 
 async def test_the_fence_increments_on_every_acquisition(

@@ -102,9 +102,10 @@ async def test_acquiring_twice_with_the_same_nonce_is_the_same_acquisition(
     client: RedisClient, scripts: Scripts, keys: Keys
 ) -> None:
     lease_key, fence = keys.lease(P, "appender"), keys.fence(P, "appender")
-    first = await scripts("acquire_lease", [lease_key, fence], ["w1", "n1", 5000])
-    again = await scripts("acquire_lease", [lease_key, fence], ["w1", "n1", 5000])
-    other = await scripts("acquire_lease", [lease_key, fence], ["w2", "n2", 5000])
+    count = keys.partition_count(P)
+    first = await scripts("acquire_lease", [lease_key, fence, count], ["w1", "n1", 5000, 0])
+    again = await scripts("acquire_lease", [lease_key, fence, count], ["w1", "n1", 5000, 0])
+    other = await scripts("acquire_lease", [lease_key, fence, count], ["w2", "n2", 5000, 0])
     assert first == again and int(first[0]) == 1
     assert int(other[0]) == 0
     assert await client.get(fence) == "1"

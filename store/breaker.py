@@ -1,0 +1,235 @@
+"""A circuit breaker per Redis client: after ``threshold`` transport failures in a row
+(connection refused or broken, timeouts), calls fail at once with CircuitOpenError
+instead of each waiting for its own timeout; after ``reset_seconds`` one trial call goes
+through (half-open), and its success closes the circuit again.
+
+Only failures to reach Redis count. A reply of Redis, an error reply too (NOSCRIPT, OOM,
+BUSYGROUP, LOADING, a wrong password), proves it reachable. The states and their
+transitions are purgatory's; this module feeds it the outcome of each call, lets one
+trial through at a time and reports the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, TypeVar
+
+from purgatory.domain.messages.events import ContextChanged
+from purgatory.domain.model import HALF_OPENED, OPENED, Context, OpenedState
+from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if TYPE_CHECKING:
+    from store.connection import RedisClient
+    from store.keys import Keys
+    from store.scripts import Scripts
+
+T = TypeVar("T")
+
+#: Failures to reach Redis: they open the circuit.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+)
+#: Subclasses of ConnectionError that are replies of Redis: it is reachable.
+_ANSWERS: tuple[type[BaseException], ...] = (
+    BusyLoadingError,
+    AuthenticationError,
+    AuthorizationError,
+)
+
+
+class CircuitState(IntEnum):
+    """The values of the ``memstream_circuit_state`` gauge."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class CircuitOpenError(RedisConnectionError):
+    """Redis failed ``threshold`` times in a row: calls fail at once until a trial call
+    gets through. Nothing was sent. A ConnectionError, so every caller treats it as a
+    transient failure."""
+
+    def __init__(self, name: str, retry_in: float, detail: str) -> None:
+        super().__init__(
+            f"circuit breaker for {name} is open ({detail}): nothing was sent; "
+            f"next trial in {retry_in:.1f}s"
+        )
+        self.name = name
+        self.retry_in = retry_in
+
+
+def is_transport_failure(error: BaseException) -> bool:
+    return isinstance(error, TRANSPORT_ERRORS) and not isinstance(
+        error, (*_ANSWERS, CircuitOpenError)
+    )
+
+
+class CircuitBreaker:
+    """The breaker of one client. One event loop uses it (as it does the client)."""
+
+    def __init__(self, name: str, threshold: int = 5, reset_seconds: float = 5.0) -> None:
+        if threshold < 1 or reset_seconds <= 0:
+            raise ValueError("a circuit breaker needs a threshold >= 1 and a reset time > 0")
+        self.name = name
+        self.threshold = threshold
+        self.reset_seconds = reset_seconds
+        self._context = Context(name, threshold, reset_seconds)
+        self._trial = False
+        self.opens = 0
+        self.last_opened_at: float | None = None  # wall clock (seconds since the epoch)
+        self.last_error = ""
+        self._listeners: list[Callable[[CircuitState], None]] = []
+
+    def add_listener(self, listener: Callable[[CircuitState], None]) -> None:
+        """Called with the new state at every transition (closed, half-open, open)."""
+        self._listeners.append(listener)
+
+    @property
+    def state(self) -> CircuitState:
+        """Open until the reset time has passed, then half-open (the next call is the
+        trial) until a trial succeeds or fails."""
+        context = self._context
+        if context.state == OPENED:
+            if time.time() >= (context.opened_at or 0.0) + self.reset_seconds:
+                return CircuitState.HALF_OPEN
+            return CircuitState.OPEN
+        if context.state == HALF_OPENED:
+            return CircuitState.HALF_OPEN
+        return CircuitState.CLOSED
+
+    def retry_in(self) -> float:
+        opened = self._context.opened_at
+        if self._context.state != OPENED or opened is None:
+            return 0.0
+        return max(0.0, opened + self.reset_seconds - time.time())
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis call through the breaker."""
+        trial = self._enter()
+        try:
+            result = await fn()
+        except asyncio.CancelledError:
+            raise  # says nothing about Redis
+        except BaseException as e:
+            if is_transport_failure(e):
+                self.last_error = f"{type(e).__name__}: {e}"
+                self._context.handle_exception(e)
+            elif not isinstance(e, CircuitOpenError):
+                self._context.handle_end_request()  # Redis answered (an error reply)
+            self._drain()
+            raise
+        else:
+            self._context.handle_end_request()
+            self._drain()
+            return result
+        finally:
+            if trial:
+                self._trial = False
+
+    def _enter(self) -> bool:
+        """Let a call through, or raise CircuitOpenError; True for the trial call."""
+        context = self._context
+        try:
+            context.handle_new_request()
+        except OpenedState:
+            self._drain()
+            raise CircuitOpenError(self.name, self.retry_in(), self._why()) from None
+        self._drain()
+        if context.state != HALF_OPENED:
+            return False
+        if self._trial:
+            raise CircuitOpenError(self.name, 0.0, "a trial call is in flight")
+        self._trial = True
+        return True
+
+    def _why(self) -> str:
+        last = f"; last: {self.last_error}" if self.last_error else ""
+        return f"{self.threshold} failures in a row{last}"
+
+    def _drain(self) -> None:
+        """Take purgatory's events: count openings, tell the listeners."""
+        messages = self._context.messages
+        while messages:
+            message = messages.pop(0)
+            if not isinstance(message, ContextChanged):
+                continue
+            if message.state == OPENED:
+                self.opens += 1
+                self.last_opened_at = message.opened_at or time.time()
+                new = CircuitState.OPEN
+            elif message.state == HALF_OPENED:
+                new = CircuitState.HALF_OPEN
+            else:
+                new = CircuitState.CLOSED
+            for listener in self._listeners:
+                listener(new)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitRecord:
+    """A worker's breaker as it last recorded it in Redis (``memstream status``)."""
+
+    state: str
+    opens: int
+    last_opened_at: float | None  # seconds since the epoch
+    recorded_at_ms: int = 0  # by the Redis clock
+
+    @classmethod
+    def of(cls, breaker: CircuitBreaker) -> CircuitRecord:
+        return cls(breaker.state.label, breaker.opens, breaker.last_opened_at)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"state": self.state, "opens": self.opens, "last_opened_at": self.last_opened_at}
+        )
+
+    @classmethod
+    def parse(cls, stored: str) -> CircuitRecord:
+        at, _, text = stored.partition(" ")
+        data = json.loads(text)
+        last = data.get("last_opened_at")
+        return cls(
+            str(data.get("state", "?")),
+            int(data.get("opens", 0)),
+            float(last) if last is not None else None,
+            int(at),
+        )
+
+
+async def record_circuit(
+    scripts: Scripts,
+    keys: Keys,
+    group: str,
+    worker: str,
+    record: CircuitRecord | None,
+    keep_ms: int,
+) -> None:
+    """Record a worker's breaker (None: remove the worker's record, when it leaves)."""
+    state = record.to_json() if record is not None else ""
+    await scripts("record_circuit", [keys.circuits(group)], [worker, state, keep_ms])
+
+
+async def read_circuits(client: RedisClient, keys: Keys, group: str) -> dict[str, CircuitRecord]:
+    """The breaker records of a group's workers, by worker id."""
+    stored = await client.hgetall(keys.circuits(group))
+    found: dict[str, CircuitRecord] = {}
+    for worker, value in stored.items():
+        try:
+            found[str(worker)] = CircuitRecord.parse(str(value))
+        except (ValueError, TypeError, AttributeError):
+            continue  # a record this version cannot read: not worth failing status for
+    return found

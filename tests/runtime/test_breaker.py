@@ -1,0 +1,252 @@
+"""The circuit breaker of every Redis client (store/breaker.py) and the deadlines derived
+from the lease TTL: what opens it, fail-fast, the half-open trial, recovery, and what
+operators see (metrics, ``memstream status``). Outages here are servers that are not
+started yet; tests/chaos/test_breaker_outages.py kills and pauses servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from events import MessageAppended, Publisher, RedisUnavailableError
+from events.envelope import AppendPayload, MemoryName
+from memory import Message, Role
+from processors import Settings, Worker
+from processors.metrics import Metrics
+from processors.status import group_status, render
+from store import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    Group,
+    Keys,
+    RedisClient,
+    RedisServerProcess,
+    Scripts,
+    breaker_of,
+    connect,
+)
+from store.embedded import free_port
+from tests.conftest import own_server
+from tests.runtime.conftest import FAST, PARTITIONS, Rig
+
+MEMSTREAM = str(Path(sys.executable).with_name("memstream"))
+
+
+def event(text: str) -> MessageAppended:
+    name = MemoryName(resource="customer-support", key="breaker")
+    return MessageAppended(
+        tenant="acme",
+        payload=AppendPayload(memory=name, message=Message(role=Role.USER, content=text)),
+    )
+
+
+async def open_breaker(client_breaker: CircuitBreaker) -> None:
+    async def refused() -> None:
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    for _ in range(client_breaker.threshold):
+        with pytest.raises(RedisConnectionError):
+            await client_breaker.call(refused)
+    assert client_breaker.state is CircuitState.OPEN
+
+
+async def test_the_breaker_opens_after_the_threshold_then_fails_fast() -> None:
+    client = connect(f"redis://127.0.0.1:{free_port()}", breaker_threshold=3, breaker_reset=30)
+    breaker = breaker_of(client)
+    assert breaker is not None
+    try:
+        for _ in range(3):
+            with pytest.raises(RedisConnectionError) as refused:
+                await client.ping()
+            assert not isinstance(refused.value, CircuitOpenError)
+        assert breaker.state is CircuitState.OPEN and breaker.opens == 1
+        started = time.perf_counter()
+        with pytest.raises(CircuitOpenError, match=r"is open .*next trial in \d+\.\ds") as opened:
+            await client.ping()
+        pipe = client.pipeline(transaction=False)
+        pipe.get("k")
+        with pytest.raises(CircuitOpenError):
+            await pipe.execute()
+        assert time.perf_counter() - started < 0.05
+        assert isinstance(opened.value, RedisConnectionError)  # transient for every caller
+        assert 29 < opened.value.retry_in <= 30
+    finally:
+        await client.aclose()
+
+
+async def test_redis_answers_never_open_the_breaker(default_redis_url: str, keys: Keys) -> None:
+    client = connect(default_redis_url, breaker_threshold=1)
+    breaker = breaker_of(client)
+    assert breaker is not None
+    try:
+        with pytest.raises(NoScriptError):
+            await client.evalsha("0" * 40, 0)
+        await client.xgroup_create(keys.ingest(0), "g", id="0", mkstream=True)
+        with pytest.raises(ResponseError, match="BUSYGROUP"):
+            await client.xgroup_create(keys.ingest(0), "g", id="0", mkstream=True)
+        assert breaker.state is CircuitState.CLOSED and breaker.opens == 0
+        await client.delete(keys.ingest(0))
+    finally:
+        await client.aclose()
+
+
+async def test_one_trial_goes_through_when_half_open_and_its_success_closes(
+    server_factory: list[RedisServerProcess], tmp_path: Path
+) -> None:
+    port = free_port()
+    client = connect(f"redis://127.0.0.1:{port}", breaker_threshold=2, breaker_reset=0.5)
+    breaker = breaker_of(client)
+    assert breaker is not None
+    try:
+        for _ in range(2):
+            with pytest.raises(RedisConnectionError):
+                await client.ping()
+        assert breaker.state is CircuitState.OPEN
+        own_server(server_factory, tmp_path, port=port)  # Redis is back
+        await asyncio.sleep(0.6)
+        assert breaker.state.label == "half-open"
+        replies = await asyncio.gather(*(client.ping() for _ in range(5)), return_exceptions=True)
+        assert replies.count(True) == 1, replies
+        assert all(
+            isinstance(r, CircuitOpenError) and "trial call is in flight" in str(r)
+            for r in replies
+            if r is not True
+        )
+        assert breaker.state.label == "closed"
+        assert await asyncio.gather(*(client.ping() for _ in range(5))) == [True] * 5
+        assert breaker.opens == 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_publisher_fails_fast_then_recovers_by_itself(
+    server_factory: list[RedisServerProcess], tmp_path: Path, keys: Keys
+) -> None:
+    port = free_port()
+    client = connect(f"redis://127.0.0.1:{port}", breaker_threshold=2, breaker_reset=0.5)
+    publisher = Publisher(client, keys=keys, default_partitions=2)
+    try:
+        for _ in range(2):
+            with pytest.raises(RedisUnavailableError):
+                await publisher.publish(event("lost"))
+        started = time.perf_counter()
+        with pytest.raises(RedisUnavailableError, match=r"circuit breaker .* is open") as failed:
+            await publisher.publish(event("lost"))
+        assert time.perf_counter() - started < 0.05
+        assert isinstance(failed.value.__cause__, CircuitOpenError)
+        own_server(server_factory, tmp_path, port=port)
+        back = time.monotonic()
+        while True:
+            try:
+                published = await publisher.publish(event("kept"))
+                break
+            except RedisUnavailableError:
+                assert time.monotonic() - back < 5, "the publisher did not recover"
+                await asyncio.sleep(0.05)
+        assert published.receipt is not None
+        assert time.monotonic() - back < 1.5  # the reset time (0.5s) and a trial
+        assert sum([await client.xlen(keys.ingest(p)) for p in range(2)]) == 1
+    finally:
+        await client.aclose()
+
+
+async def test_metrics_show_the_state_and_the_openings() -> None:
+    metrics = Metrics()
+    breaker = CircuitBreaker("redis://example:6379", threshold=2, reset_seconds=0.2)
+    metrics.watch_circuit(breaker)
+
+    def value(name: str) -> str:
+        line = next(
+            line
+            for line in generate_latest(metrics.registry).decode().splitlines()
+            if line.startswith(name + "{")
+        )
+        assert 'client="redis://example:6379"' in line
+        return line.rsplit(" ", 1)[1]
+
+    assert value("memstream_circuit_state") == "0.0"
+    await open_breaker(breaker)
+    assert value("memstream_circuit_state") == "2.0"
+    assert value("memstream_circuit_opens_total") == "1.0"
+    await asyncio.sleep(0.25)
+    assert value("memstream_circuit_state") == "1.0"
+
+    async def ok() -> bool:
+        return True
+
+    assert await breaker.call(ok)
+    assert value("memstream_circuit_state") == "0.0"
+    assert value("memstream_circuit_opens_total") == "1.0"
+
+
+async def test_status_shows_each_workers_circuit(rig: Rig, redis_url: str) -> None:
+    client = connect(redis_url, breaker_reset=0.1)
+    breaker = breaker_of(client)
+    assert breaker is not None
+    stop = asyncio.Event()
+    try:
+        scripts = Scripts(client, strict=True)
+        await scripts.load()
+        await open_breaker(breaker)
+        opened_at = breaker.last_opened_at
+        assert opened_at is not None
+        await asyncio.sleep(0.15)
+        assert await client.ping()  # the trial: it closes the breaker
+        worker = Worker(client, scripts, rig.keys, rig.appender(), PARTITIONS, FAST, "w-opened")
+        task = asyncio.create_task(worker.run(stop))
+        rig.start("w-fresh")
+        at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(opened_at))
+        expected = {
+            f"w-opened: circuit: closed (opened once, last at {at})",
+            "w-fresh: circuit: closed (never opened)",
+        }
+        await rig.eventually(
+            lambda: _status_lines(client, scripts, rig.keys, expected),
+            what="both workers' breaker records",
+        )
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        status = await group_status(client, scripts, rig.keys, Group.APPENDER, 2000)
+        assert set(status.circuits) == {"w-fresh"}  # a worker that left took its record
+        assert not await client.hexists(rig.keys.circuits("appender"), "w-opened")
+    finally:
+        stop.set()
+        await client.aclose()
+
+
+async def _status_lines(client: RedisClient, scripts: Scripts, keys: Keys, lines: set[str]) -> bool:
+    status = await group_status(client, scripts, keys, Group.APPENDER, 2000)
+    return lines <= set(render(status).splitlines())
+
+
+def test_status_says_in_one_line_when_redis_cannot_be_reached() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [MEMSTREAM, "status"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: Redis: ") and "connecting to 127.0.0.1" in lines[0]
+
+
+def test_the_socket_timeout_derives_from_the_lease_ttl() -> None:
+    assert Settings(lease_ttl=10).socket_timeout == pytest.approx(10 / 3)
+    assert Settings(lease_ttl=30).socket_timeout == pytest.approx(10)
+    assert Settings(lease_ttl=120, heartbeat=5).socket_timeout == 15
+    with pytest.raises(ValidationError, match="socket timeout"):
+        Settings(lease_ttl=6, block=2)
+    assert Settings(breaker_threshold=3, breaker_reset="2s").breaker_reset == 2
