@@ -108,5 +108,27 @@ class BacklogFullError(PublishError):
         self.held = held
 
 
+class NotDurableError(PublishError):
+    """A durable publish (``Publisher(durable=N)``) whose events ARE published on the
+    master but were not confirmed by N replicas within the timeout: a failover now could
+    lose them. Publishing them again with the same idempotency keys is safe (each is
+    applied at most once) and waits for the replicas again."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        published: list[Any],
+        unconfirmed: list[Any],
+        replicas: int,
+        required: int,
+    ) -> None:
+        super().__init__(message)
+        self.published = published
+        self.unconfirmed = unconfirmed
+        self.replicas = replicas
+        self.required = required
+
+
 class ReadOnlyError(PublishError):
     """A write to a memory the agent may only read."""

@@ -4,14 +4,16 @@ entry ids back, and optionally wait for each entry's outcome (read-your-writes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.codec import DEFAULT_MAX_EVENT_BYTES, event_json
@@ -41,6 +43,7 @@ from events.envelope import (
 )
 from events.errors import (
     BacklogFullError,
+    NotDurableError,
     PartiallyPublishedError,
     PartitionsChangingError,
     PublishError,
@@ -71,6 +74,7 @@ from store import (
     Scripts,
     Topic,
     WaitTimeoutError,
+    breaker_of,
     ensure_groups,
     ensure_partitions,
 )
@@ -83,6 +87,11 @@ UNKNOWN_OUTCOME = (
     "the events may or may not be published; publish them again with the same "
     "idempotency keys, they apply at most once"
 )
+#: Replies of a Cluster node that is changing hands (a failover, a resharding): the
+#: script did not run there, so nothing was published to that partition.
+MOVING = (ClusterDownError, AskError)
+#: How many times a durable publish on a Cluster follows MOVED before it gives up.
+MAX_REDIRECTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +133,8 @@ class Publisher:
         registry: ResourceRegistry | None = None,
         limits: RequestLimits | None = None,
         backlog_wait: float = 0.0,
+        durable: int = 0,
+        durable_timeout: float = 1.0,
     ) -> None:
         """With ``registry`` (the memory resources and agents), messages are redacted by
         their resource's privacy policy before they are written, non-persistable ones
@@ -133,7 +144,17 @@ class Publisher:
 
         A stream holding more than ``limits.max_backlog`` entries refuses new events;
         the publisher then tries again for up to ``backlog_wait`` seconds (backing off)
-        before it raises BacklogFullError."""
+        before it raises BacklogFullError.
+
+        With ``durable=N`` (N >= 1), a publish returns only once its events reached N
+        replicas of the master that holds them (Redis ``WAIT``, for up to
+        ``durable_timeout`` seconds, which must be shorter than the client's socket
+        timeout); otherwise it raises NotDurableError: the events are published on the
+        master, but a failover could lose them."""
+        if durable < 0:
+            raise ValueError("durable is a replica count: 0 (off) or more")
+        if durable and durable_timeout <= 0:
+            raise ValueError("durable_timeout must be above 0 (WAIT 0 would block forever)")
         self._client = client
         self._registry = registry
         self._keys = keys or Keys()
@@ -142,6 +163,8 @@ class Publisher:
         self._limits = limits or RequestLimits(max_event_bytes=max_event_bytes)
         self._max_event_bytes = self._limits.max_event_bytes
         self._backlog_wait = backlog_wait
+        self._durable = durable
+        self._durable_ms = max(1, int(durable_timeout * 1000))
         self._partitions: int | None = None
         self._partitions_read = 0.0
         self._ready: set[int] = set()
@@ -203,6 +226,35 @@ class Publisher:
             if problem:
                 raise PublishError(f"event {event.event_id}: {problem}")
         kept = [self._apply_policy(event) for event in events]
+        try:
+            routed, replies = await self._route_and_send(kept)
+        except PartitionsChangingError:
+            if self._partitions is not None:
+                raise  # a change in progress: the caller publishes again later
+            # The count changed since it was read (and nothing was published): once
+            # more, with the count read again.
+            routed, replies = await self._route_and_send(kept)
+        receipts = [
+            Receipt(p, str(entry_id), e.event_id, str(e.idempotency_key))
+            for (p, e, _), entry_id in zip(routed, replies, strict=True)
+        ]
+        outcomes: list[Outcome | None] = [None] * len(receipts)
+        if wait and receipts:
+            waited = await self.reader.wait_applied_many(
+                [(r.partition, r.entry_id, r.event_id) for r in receipts], timeout
+            )
+            outcomes = list(waited)
+        published = iter(zip(receipts, outcomes, strict=True))
+        return [
+            Published(None, item) if isinstance(item, Outcome) else Published(*next(published))
+            for item in kept
+        ]
+
+    async def _route_and_send(
+        self, kept: Sequence[MemoryEvent | Outcome]
+    ) -> tuple[list[tuple[int, MemoryEvent, str]], list[str]]:
+        """Route the events by the current count and publish them."""
+        limits = self._limits
         n = await self.partitions()
         now = int(time.time() * 1000)
         routed: list[tuple[int, MemoryEvent, str]] = []
@@ -232,22 +284,15 @@ class Publisher:
         for p in sorted({p for p, _, _ in routed} - self._ready):
             await self._guard(ensure_groups(self._scripts, self._keys, p, INGEST_ONLY))
             self._ready.add(p)
-        replies = await self._send(routed) if routed else []
-        receipts = [
-            Receipt(p, str(entry_id), e.event_id, str(e.idempotency_key))
-            for (p, e, _), entry_id in zip(routed, replies, strict=True)
-        ]
-        outcomes: list[Outcome | None] = [None] * len(receipts)
-        if wait and receipts:
-            waited = await self.reader.wait_applied_many(
-                [(r.partition, r.entry_id, r.event_id) for r in receipts], timeout
+        per_partition = Counter(p for p, _, _ in routed)
+        bound = limits.max_backlog
+        if bound and per_partition and max(per_partition.values()) > bound:
+            raise PublishError(
+                f"{max(per_partition.values())} events for one partition in one call, more "
+                f"than its stream may hold (MEMSTREAM_MAX_BACKLOG={bound}); publish them "
+                f"in parts"
             )
-            outcomes = list(waited)
-        published = iter(zip(receipts, outcomes, strict=True))
-        return [
-            Published(None, item) if isinstance(item, Outcome) else Published(*next(published))
-            for item in kept
-        ]
+        return routed, (await self._send(routed) if routed else [])
 
     def _apply_policy(self, event: MemoryEvent) -> MemoryEvent | Outcome:
         """The event as its resource's privacy policy lets it be written (or the outcome
@@ -299,14 +344,19 @@ class Publisher:
         ids: list[str | None] = [None] * len(routed)
         failed: list[tuple[int, str]] = []
         full: dict[int, int] = {}  # partition -> entries its stream held when refused
+        recounted: set[int] = set()  # partitions refused: routed with an old count
         deadline = time.monotonic() + self._backlog_wait
         delay, reloaded = 0.05, False
+        moving = False  # a Cluster node refused a partition while changing hands
+        confirmed: dict[int, int] = {}  # partition -> replicas that confirmed its events
         todo = list(by_partition)
         while todo:
-            replies = await self._pipeline(routed, by_partition, todo, lifecycle)
+            replies, replicas = await self._partly(
+                self._pipeline(routed, by_partition, todo, lifecycle), routed, ids
+            )
             lost: list[int] = []
             full = {}
-            for p, reply in zip(todo, replies, strict=True):
+            for p, reply, count in zip(todo, replies, replicas, strict=True):
                 if isinstance(reply, NoScriptError):
                     lost.append(p)
                 elif isinstance(reply, TRANSIENT_ERRORS) and not isinstance(reply, ResponseError):
@@ -315,19 +365,30 @@ class Publisher:
                         idempotency_keys=[str(e.idempotency_key) for _, e, _ in routed],
                     ) from reply
                 elif isinstance(reply, BaseException):
+                    moving = moving or isinstance(reply, MOVING)
                     failed.extend((i, str(reply)) for i in by_partition[p])
                 elif reply and str(reply[0]) == "backlog":
                     full[p] = int(reply[1])
+                elif reply and str(reply[0]) == "count":
+                    # Routed with a count the partition no longer belongs to: the next
+                    # publish reads the count again.
+                    self._partitions = None
+                    recounted.add(p)
+                    failed.extend(
+                        (i, f"count: partition {p} now belongs to count {reply[1]}")
+                        for i in by_partition[p]
+                    )
                 else:
                     for i, entry_id in zip(by_partition[p], reply, strict=True):
                         ids[i] = str(entry_id)
+                    confirmed[p] = count
             if lost and reloaded:  # NOSCRIPT again right after loading: give up on them
                 failed.extend(
                     (i, "the publish script is missing") for p in lost for i in by_partition[p]
                 )
                 lost = []
             elif lost:  # Redis lost the scripts (a restart, a failover): load them again
-                await self._guard(self._scripts.load())
+                await self._partly(self._guard(self._scripts.load()), routed, ids)
                 reloaded = True
             if full and time.monotonic() < deadline:
                 await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
@@ -335,6 +396,53 @@ class Publisher:
                 todo = lost + sorted(full)
                 continue
             todo = lost
+
+        return self._result(
+            routed, by_partition, ids, failed, full, recounted, moving, confirmed, lifecycle
+        )
+
+    @staticmethod
+    async def _partly(
+        step: Awaitable[T], routed: Sequence[tuple[int, AnyEvent, str]], ids: list[str | None]
+    ) -> T:
+        """Run a step of a publish. When it fails after an earlier round published some
+        events (a backlog wait, scripts loaded again), raise PartiallyPublishedError with
+        the receipts of those, never an error saying nothing was published."""
+        try:
+            return await step
+        except PublishError as error:
+            if all(i is None for i in ids):
+                raise
+            partly = error
+        published = [
+            Receipt(p, str(ids[i]), e.event_id, str(e.idempotency_key))
+            for i, (p, e, _) in enumerate(routed)
+            if ids[i] is not None
+        ]
+        unknown = isinstance(partly, PublishOutcomeUnknownError)
+        why = f"{'outcome unknown' if unknown else 'not published'}: {partly}"
+        failed = [(i, why) for i in range(len(routed)) if ids[i] is None]
+        raise PartiallyPublishedError(
+            f"{len(published)} of {len(routed)} events were published; the others failed "
+            f"({why}): publish those again with the same idempotency keys",
+            published=published,
+            failed=failed,
+        ) from partly
+
+    def _result(
+        self,
+        routed: Sequence[tuple[int, AnyEvent, str]],
+        by_partition: dict[int, list[int]],
+        ids: list[str | None],
+        failed: list[tuple[int, str]],
+        full: dict[int, int],
+        recounted: set[int],
+        moving: bool,
+        confirmed: dict[int, int],
+        lifecycle: bool,
+    ) -> list[str]:
+        """The entry ids when every event was published, else the error that says what
+        was and what was not."""
 
         def stream(p: int) -> str:
             return self._keys.lifecycle if lifecycle else self._keys.ingest(p)
@@ -344,21 +452,15 @@ class Publisher:
                 (i, f"backlog: {stream(p)} holds {held} entries") for i in by_partition[p]
             )
         if not failed:
+            self._check_durable(routed, by_partition, ids, confirmed)
             return [str(i) for i in ids]
         if all(i is None for i in ids):
-            if full and len(full) == len(by_partition):
-                p, held = min(full.items())
-                raise BacklogFullError(
-                    f"{stream(p)} already holds {held} entries, over "
-                    f"the backlog bound of {self._limits.max_backlog} "
-                    f"(MEMSTREAM_MAX_BACKLOG): its consumers are behind or stopped "
-                    f"(memstream status); nothing was published, publish again later",
-                    partition=p,
-                    held=held,
+            if recounted:
+                raise PartitionsChangingError(
+                    "the partition count changed since this publisher read it: nothing "
+                    "was published; publish again (it reads the new count)"
                 )
-            if is_out_of_memory(failed[0][1]):
-                raise RedisOutOfMemoryError(failed[0][1])
-            raise PublishError(f"Redis refused the events ({failed[0][1]}); nothing was published")
+            raise self._nothing_published(failed, full, len(by_partition), moving, stream)
         published = [
             Receipt(p, str(ids[i]), e.event_id, str(e.idempotency_key))
             for i, (p, e, _) in enumerate(routed)
@@ -372,24 +474,107 @@ class Publisher:
             failed=sorted(failed),
         )
 
+    def _nothing_published(
+        self,
+        failed: list[tuple[int, str]],
+        full: dict[int, int],
+        partitions: int,
+        moving: bool,
+        stream: Callable[[int], str],
+    ) -> PublishError:
+        """The error of a publish of which nothing was published."""
+        if moving:
+            return RedisUnavailableError(
+                f"the Redis Cluster is moving the partition to another node ({failed[0][1]}): "
+                f"nothing was published; publish again"
+            )
+        if full and len(full) == partitions:
+            p, held = min(full.items())
+            return BacklogFullError(
+                f"{stream(p)} already holds {held} entries, over "
+                f"the backlog bound of {self._limits.max_backlog} "
+                f"(MEMSTREAM_MAX_BACKLOG): its consumers are behind or stopped "
+                f"(memstream status); nothing was published, publish again later",
+                partition=p,
+                held=held,
+            )
+        if is_out_of_memory(failed[0][1]):
+            return RedisOutOfMemoryError(failed[0][1])
+        return PublishError(f"Redis refused the events ({failed[0][1]}); nothing was published")
+
+    def _check_durable(
+        self,
+        routed: Sequence[tuple[int, AnyEvent, str]],
+        by_partition: dict[int, list[int]],
+        ids: list[str | None],
+        confirmed: dict[int, int],
+    ) -> None:
+        """Raise NotDurableError if fewer replicas than asked confirmed a partition's
+        events (nothing to check when the publisher is not durable)."""
+        short = {p: n for p, n in confirmed.items() if n < self._durable}
+        if not self._durable or not short:
+            return
+        published = [
+            Receipt(p, str(ids[i]), e.event_id, str(e.idempotency_key))
+            for i, (p, e, _) in enumerate(routed)
+        ]
+        unconfirmed = [r for r in published if r.partition in short]
+        fewest = min(short.values())
+        raise NotDurableError(
+            f"the events are published on the Redis master, but only {fewest} of the "
+            f"{self._durable} replica(s) asked for confirmed {len(unconfirmed)} of them "
+            f"within {self._durable_ms / 1000:g}s (partition(s) "
+            f"{', '.join(map(str, sorted(short)))}): a failover now could lose them. "
+            f"Publishing them again with the same idempotency keys is safe (each is "
+            f"applied at most once); check the replicas (INFO replication)",
+            published=published,
+            unconfirmed=unconfirmed,
+            replicas=fewest,
+            required=self._durable,
+        )
+
     async def _pipeline(
         self,
         routed: Sequence[tuple[int, AnyEvent, str]],
         by_partition: dict[int, list[int]],
         partitions: list[int],
         lifecycle: bool,
-    ) -> list[Any]:
+    ) -> tuple[list[Any], list[int]]:
+        """Each partition's reply, and how many replicas confirmed it (durable
+        publishers; -1 otherwise)."""
         keys = [str(routed[i][1].idempotency_key) for p in partitions for i in by_partition[p]]
         unknown = UNKNOWN_OUTCOME
         bound = str(self._limits.max_backlog)
+
+        def count_of(p: int) -> str:  # the count the partition's events were routed with
+            event = routed[by_partition[p][0]][1]
+            return "0" if lifecycle else str(getattr(event, "partitions", None) or 0)
+
         calls = [
             (
-                [self._keys.lifecycle if lifecycle else self._keys.ingest(p)],
-                [bound, *(routed[i][2] for i in by_partition[p])],
+                [
+                    self._keys.lifecycle if lifecycle else self._keys.ingest(p),
+                    self._keys.partition_count(p),
+                ],
+                [bound, count_of(p), *(routed[i][2] for i in by_partition[p])],
             )
             for p in partitions
         ]
+        unmeasured = [-1] * len(calls)
         try:
+            if isinstance(self._client, RedisCluster) and self._durable:
+                # Each partition's script and its WAIT on one connection of the master
+                # that owns the partition's slot, concurrently.
+                pairs = await asyncio.gather(
+                    *(self._on_owner(self._client, k, a) for k, a in calls),
+                    return_exceptions=True,
+                )
+                opened = [r for r in pairs if isinstance(r, CircuitOpenError)]
+                if opened and len(opened) == len(pairs):
+                    raise opened[0]
+                replies = [r[0] if isinstance(r, tuple) else r for r in pairs]
+                counts = [r[1] if isinstance(r, tuple) else 0 for r in pairs]
+                return replies, counts
             if isinstance(self._client, RedisCluster):
                 # No scripts in cluster pipelines: one call per partition, concurrently
                 # (each goes to the node that owns the partition's slot).
@@ -400,11 +585,20 @@ class Publisher:
                 opened = [r for r in replies if isinstance(r, CircuitOpenError)]
                 if opened and len(opened) == len(replies):
                     raise opened[0]
-                return list(replies)
+                return list(replies), unmeasured
+            # A pipeline that is not a transaction still uses one connection, so its
+            # WAIT counts the replicas that received the scripts' writes before it.
             pipe = self._client.pipeline(transaction=False)
             for k, a in calls:
                 self._scripts.queue(pipe, "publish_events", k, a)
-            return list(await pipe.execute(raise_on_error=False))
+            if self._durable:
+                pipe.wait(self._durable, self._durable_ms)
+            replies = list(await pipe.execute(raise_on_error=False))
+            if not self._durable:
+                return replies, unmeasured
+            waited = replies.pop()
+            count = waited if isinstance(waited, int) else 0
+            return replies, [count] * len(calls)
         except CircuitOpenError as e:  # failing fast: nothing was sent
             raise RedisUnavailableError(
                 f"Redis is unreachable, nothing was published (fail-fast): {e}"
@@ -427,6 +621,41 @@ class Publisher:
             raise PublishOutcomeUnknownError(
                 f"Redis failed ({e}): {unknown}", idempotency_keys=keys
             ) from e
+
+    async def _on_owner(
+        self, cluster: RedisCluster, keys: Sequence[str], args: Sequence[str]
+    ) -> tuple[Any, int]:
+        """Run the publish script, then WAIT, on one connection of the Cluster master
+        that owns the stream's slot (WAIT counts the writes of its own connection and
+        cannot run in a script): the script's reply and the replicas that confirmed.
+        A MOVED reply (a failover moved the slot; the script did not run) is followed
+        to the new master."""
+        stack = _Stack()
+        self._scripts.queue(stack, "publish_events", keys, args)
+        stack.wait(self._durable, self._durable_ms)
+        breaker = breaker_of(cluster)
+        for _ in range(MAX_REDIRECTS):
+            await cluster.initialize()
+            node = cluster.get_node_from_key(keys[0])
+            if node is None:
+                raise ClusterDownError(f"no Cluster node serves {keys[0]}")
+            commands = stack.commands()
+            try:
+                if breaker is None:
+                    await node.execute_pipeline(commands)
+                else:
+                    await breaker.call(lambda: node.execute_pipeline(commands))  # noqa: B023
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                # As the cluster client does: read the slots again before the next call.
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await cluster.nodes_manager.initialize()
+                raise
+            reply, waited = commands[0].result, commands[1].result
+            if isinstance(reply, MovedError):
+                await cluster.nodes_manager.move_slot(reply)
+                continue
+            return reply, waited if isinstance(waited, int) else 0
+        return reply, 0
 
     async def workflow_started(
         self,
@@ -695,6 +924,24 @@ class Publisher:
         )
         event = FlushRequested(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
+
+
+class _Stack:
+    """Commands for one connection of a Cluster node (``Scripts.queue`` adds its
+    EVALSHA here as it would to a pipeline)."""
+
+    def __init__(self) -> None:
+        self._args: list[tuple[Any, ...]] = []
+
+    def evalsha(self, *args: Any) -> None:
+        self._args.append(("EVALSHA", *args))
+
+    def wait(self, replicas: int, timeout_ms: int) -> None:
+        self._args.append(("WAIT", replicas, timeout_ms))
+
+    def commands(self) -> list[PipelineCommand]:
+        """Fresh commands (each holds its own result)."""
+        return [PipelineCommand(i, *args) for i, args in enumerate(self._args)]
 
 
 def _messages_of(event: MemoryEvent) -> list[Message]:

@@ -97,7 +97,7 @@ class App:
             socket_timeout=s.socket_timeout,
             connect_timeout=min(3.0, s.socket_timeout),
             breaker_threshold=s.breaker_threshold,
-            breaker_reset=s.breaker_reset,
+            breaker_reset=s.effective_breaker_reset,
         )
         breaker = breaker_of(self._client)
         if breaker is not None:
@@ -144,12 +144,16 @@ class App:
         *,
         resources: bool = True,
         bounded: bool = True,
+        durable: bool = True,
     ) -> Publisher:
         """A publisher with the settings' partition count and request limits; it applies
         the privacy policies of ``registry``, else (with ``resources``) of the resource
         files found, if any (see ``registry_if_present``). ``bounded``: refuse to publish
         to a stream over the backlog bound (the cleanup processor's workflow ends are
-        not bounded: one small event per partition, which must get through)."""
+        not bounded: one small event per partition, which must get through).
+        ``durable``: wait for ``MEMSTREAM_DURABLE_REPLICAS`` replicas after each publish
+        (the cleanup processor does not wait, so a replica that is down never stalls
+        the lifecycle stream)."""
         s = self.settings
         if registry is None and resources:
             registry = self.registry_if_present()
@@ -161,6 +165,8 @@ class App:
             limits=s.limits() if bounded else replace(s.limits(), max_backlog=0),
             registry=registry,
             backlog_wait=s.backlog_wait,
+            durable=s.durable_replicas if durable else 0,
+            durable_timeout=s.durable_timeout,
         )
 
     def reader(self) -> MemoryReader:
@@ -222,7 +228,7 @@ class App:
         """The lifecycle stream's worker: one partition, so one leaseholder at a time."""
         s = self.settings
         processor = Cleanup(
-            self.publisher(resources=False, bounded=False),
+            self.publisher(resources=False, bounded=False, durable=False),
             PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP),
             outcome_ttl_ms=int(s.outcome_ttl * 1000),
             max_event_bytes=s.max_event_bytes,

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from events.errors import (
     BacklogFullError,
+    NotDurableError,
     PartiallyPublishedError,
     PartitionsChangingError,
     PublishError,
@@ -176,6 +177,7 @@ def _errors(api: FastAPI) -> None:
         (WaitTimeoutError, 504, "timeout"),
         (OutcomeMismatchError, 503, "lost"),
         (ReadOnlyError, 403, "read_only"),
+        (NotDurableError, 503, "not_durable"),
         (PartitionsChangingError, 503, "repartitioning"),
         (RepartitionInProgressError, 503, "repartitioning"),
         (RedisUnavailableError, 503, "unavailable"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
@@ -254,156 +255,122 @@ def _publisher(request: Request) -> Publisher:
 Memory = "/memories/{resource}/{key}"
 
 
-@router.post(Memory + "/messages", response_model=PublishedOut, summary="Append messages")
-async def append(
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What every change of one memory takes from its request: the memory (the tenant
+    is the key's), the idempotency key, and whether and how long to wait."""
+
+    request: Request
+    ref: MemoryRef
+    idempotency_key: str | None
+    wait: bool
+    timeout: float
+
+    @property
+    def publisher(self) -> Publisher:
+        return _publisher(self.request)
+
+    async def respond(self, published: list[Published]) -> JSONResponse:
+        return await respond(self.publisher, published, self.wait, self.timeout)
+
+
+async def change(
     request: Request,
     tenant: Tenant,
     resource: str,
     key: str,
-    body: MessagesIn,
     idempotency_key: IdempotencyKey = None,
     stored_key: StoredKey = False,
     wait: Wait = True,
     timeout: Timeout = 10.0,
-) -> JSONResponse:
+) -> Change:
+    return Change(
+        request, ref_of(tenant, resource, key, stored_key), idempotency_key, wait, timeout
+    )
+
+
+Changing = Annotated[Change, Depends(change)]
+
+
+@router.post(Memory + "/messages", response_model=PublishedOut, summary="Append messages")
+async def append(target: Changing, body: MessagesIn) -> JSONResponse:
     """Append messages in order, in one round trip (one event each)."""
-    ref = ref_of(tenant, resource, key, stored_key)
+    ref, key = target.ref, target.idempotency_key
     name = MemoryName(resource=ref.resource, key=ref.key)
     n = len(body.messages)
     events = [
         MessageAppended(
             tenant=ref.tenant,
-            idempotency_key=None if idempotency_key is None else _nth(idempotency_key, i, n),
+            idempotency_key=None if key is None else key if n == 1 else f"{key}:{i}",
             payload=AppendPayload(
                 memory=name, workflow_id=body.workflow_id, agent_id=body.agent_id, message=m
             ),
         )
         for i, m in enumerate(body.messages)
     ]
-    publisher = _publisher(request)
-    return await respond(publisher, await publisher.publish_many(events), wait, timeout)
-
-
-def _nth(key: str, i: int, n: int) -> str:
-    return key if n == 1 else f"{key}:{i}"
+    return await target.respond(await target.publisher.publish_many(events))
 
 
 @router.put(Memory, response_model=PublishedOut, summary="Replace the whole memory")
-async def replace(
-    request: Request,
-    tenant: Tenant,
-    resource: str,
-    key: str,
-    body: ReplaceIn,
-    idempotency_key: IdempotencyKey = None,
-    stored_key: StoredKey = False,
-    wait: Wait = True,
-    timeout: Timeout = 10.0,
-) -> JSONResponse:
+async def replace(target: Changing, body: ReplaceIn) -> JSONResponse:
     """Replace every message atomically (a new generation)."""
-    publisher = _publisher(request)
-    published = await publisher.replace(
-        ref_of(tenant, resource, key, stored_key),
+    published = await target.publisher.replace(
+        target.ref,
         body.messages,
         agent_id=body.agent_id,
         workflow_id=body.workflow_id,
-        idempotency_key=idempotency_key,
+        idempotency_key=target.idempotency_key,
     )
-    return await respond(publisher, [published], wait, timeout)
+    return await target.respond([published])
 
 
 @router.delete(Memory, response_model=PublishedOut, summary="Delete the memory")
-async def delete(
-    request: Request,
-    tenant: Tenant,
-    resource: str,
-    key: str,
-    idempotency_key: IdempotencyKey = None,
-    stored_key: StoredKey = False,
-    wait: Wait = True,
-    timeout: Timeout = 10.0,
-) -> JSONResponse:
+async def delete(target: Changing) -> JSONResponse:
     """Delete the memory (a tombstone keeps late events from bringing it back)."""
-    publisher = _publisher(request)
-    published = await publisher.delete(
-        ref_of(tenant, resource, key, stored_key), idempotency_key=idempotency_key
-    )
-    return await respond(publisher, [published], wait, timeout)
+    published = await target.publisher.delete(target.ref, idempotency_key=target.idempotency_key)
+    return await target.respond([published])
 
 
 @router.post(Memory + "/clear", response_model=PublishedOut, summary="Remove every message")
-async def clear(
-    request: Request,
-    tenant: Tenant,
-    resource: str,
-    key: str,
-    body: ClearIn,
-    idempotency_key: IdempotencyKey = None,
-    stored_key: StoredKey = False,
-    wait: Wait = True,
-    timeout: Timeout = 10.0,
-) -> JSONResponse:
+async def clear(target: Changing, body: ClearIn) -> JSONResponse:
     """Remove every message (a new generation); with ``backup``, keep them as a backup
     first (its id is in the outcome)."""
-    publisher = _publisher(request)
-    published = await publisher.clear(
-        ref_of(tenant, resource, key, stored_key),
+    published = await target.publisher.clear(
+        target.ref,
         agent_id=body.agent_id,
         workflow_id=body.workflow_id,
         backup=body.backup,
-        idempotency_key=idempotency_key,
+        idempotency_key=target.idempotency_key,
     )
-    return await respond(publisher, [published], wait, timeout)
+    return await target.respond([published])
 
 
 @router.post(Memory + "/erase", response_model=PublishedOut, summary="Erase one message")
-async def erase(
-    request: Request,
-    tenant: Tenant,
-    resource: str,
-    key: str,
-    body: EraseIn,
-    idempotency_key: IdempotencyKey = None,
-    stored_key: StoredKey = False,
-    wait: Wait = True,
-    timeout: Timeout = 10.0,
-) -> JSONResponse:
+async def erase(target: Changing, body: EraseIn) -> JSONResponse:
     """Erase the message ``seq`` for good, and any summary that covers it."""
-    publisher = _publisher(request)
-    published = await publisher.erase(
-        ref_of(tenant, resource, key, stored_key),
+    published = await target.publisher.erase(
+        target.ref,
         body.seq,
         agent_id=body.agent_id,
         workflow_id=body.workflow_id,
-        idempotency_key=idempotency_key,
+        idempotency_key=target.idempotency_key,
     )
-    return await respond(publisher, [published], wait, timeout)
+    return await target.respond([published])
 
 
 @router.post(Memory + "/flush", response_model=PublishedOut, summary="Request a flush")
-async def flush(
-    request: Request,
-    tenant: Tenant,
-    resource: str,
-    key: str,
-    body: FlushIn,
-    idempotency_key: IdempotencyKey = None,
-    stored_key: StoredKey = False,
-    wait: Wait = True,
-    timeout: Timeout = 10.0,
-) -> JSONResponse:
+async def flush(target: Changing, body: FlushIn) -> JSONResponse:
     """Ask the summarizer to flush the memory (by its resource's strategy, or
     ``strategy``); the outcome says the request was applied, the summarizer runs it."""
-    publisher = _publisher(request)
-    published = await publisher.request_flush(
-        ref_of(tenant, resource, key, stored_key),
+    published = await target.publisher.request_flush(
+        target.ref,
         strategy=body.strategy,
         dry_run=body.dry_run,
         agent_id=body.agent_id,
         workflow_id=body.workflow_id,
-        idempotency_key=idempotency_key,
+        idempotency_key=target.idempotency_key,
     )
-    return await respond(publisher, [published], wait, timeout)
+    return await target.respond([published])
 
 
 @router.get(Memory, response_model=MemoryOut, summary="Read the memory")

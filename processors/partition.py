@@ -75,6 +75,9 @@ class PartitionState:
     valid_until: float = math.inf
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     lost: bool = False
+    #: A lease refresh failed because Redis could not be reached (then a loss is Redis's
+    #: fault, not the pending entries').
+    unreachable: bool = False
     idle: bool = False
     settled: int = 0
 

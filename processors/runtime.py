@@ -20,6 +20,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from redis.exceptions import OutOfMemoryError, ResponseError
+
 from processors.assignment import assigned
 from processors.failures import Backoff
 from processors.metrics import Metrics
@@ -30,6 +32,7 @@ from store import (
     TRANSIENT_ERRORS,
     CircuitRecord,
     Keys,
+    Lease,
     Leases,
     PartitionCountChangedError,
     PartitionStreams,
@@ -108,6 +111,8 @@ class Worker:
         self.rebalances = 0
         self._task_group: asyncio.TaskGroup | None = None
         self._watchdogs: dict[int, asyncio.Task[None]] = {}
+        #: Leases given up while Redis could not be reached, not yet said to be clean.
+        self._unreleased: dict[int, Lease] = {}
         self._breaker = breaker_of(client)
 
     @property
@@ -190,6 +195,8 @@ class Worker:
                 await self.heartbeat()
                 return True
             except TRANSIENT_ERRORS as e:
+                if isinstance(e, ResponseError) and not isinstance(e, OutOfMemoryError):
+                    raise  # an answer that waiting does not change (NOPERM, WRONGTYPE, ...)
                 log.warning("worker %s: cannot join the %s group yet (%s)", self.id, self.group, e)
                 self.metrics.redis_errors.labels(self.group.value, type(e).__name__).inc()
             with contextlib.suppress(TimeoutError):
@@ -256,6 +263,7 @@ class Worker:
             log.warning(
                 "worker %s: lease refresh of partition %d failed (%s)", self.id, state.partition, e
             )
+            state.unreachable = True
             return
         if held:
             state.valid_until = sent + self._lease_ttl
@@ -272,8 +280,8 @@ class Worker:
             left = state.valid_until - time.monotonic()
             if left <= 0:
                 log.warning(
-                    "worker %s: lease on partition %d not renewed for %.1fs (its TTL): giving "
-                    "the partition up",
+                    "worker %s: lease on partition %d lost: not renewed for %.1fs (its TTL), "
+                    "giving the partition up",
                     self.id,
                     state.partition,
                     self._lease_ttl - left,
@@ -287,6 +295,10 @@ class Worker:
                     await state.stop.wait()
 
     async def _acquire(self, p: int) -> None:
+        lost = self._unreleased.get(p)
+        if lost is not None:
+            await self.leases.release_lost(lost)
+            del self._unreleased[p]
         if p not in self._groups_ready:
             await ensure_groups(self._scripts, self._keys, p)
             self._groups_ready.add(p)
@@ -326,6 +338,13 @@ class Worker:
                 with contextlib.suppress(*TRANSIENT_ERRORS):
                     await self.leases.release(state.lease)
                 log.info("worker %s: released partition %d", self.id, state.partition)
+            elif state.unreachable:
+                # Given up because Redis could not be reached: not the entries' fault. Said
+                # now, or (Redis still unreachable) before this worker acquires it again.
+                self._unreleased[state.partition] = state.lease
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await self.leases.release_lost(state.lease)
+                    del self._unreleased[state.partition]
 
     async def shutdown(self) -> None:
         """Finish the batches in flight, release every lease, leave the membership (the

@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     )
     breaker_reset: float = Field(
         default=5.0,
-        description="how long a circuit breaker stays open before one trial call goes through",
+        description="how long a circuit breaker stays open before one trial call goes through "
+        "(at most a quarter of the lease TTL)",
     )
     batch_size: int = Field(default=100, ge=1, le=1000, description="entries per batch")
     block: float = Field(default=1.0, description="longest wait for new entries")
@@ -97,6 +98,18 @@ class Settings(BaseSettings):
         default=0.0,
         ge=0,
         description="how long a publish waits for a full stream to drain before it is refused",
+    )
+    durable_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="replicas every publish must reach (Redis WAIT) before it returns; "
+        "0: off (a publish returns once the master has it)",
+    )
+    durable_timeout: float = Field(
+        default=1.0,
+        description="how long a durable publish waits for its replicas before it raises "
+        "NotDurableError (shorter than the socket timeout, a third of lease_ttl)",
     )
     trim_interval: float = Field(
         default=5.0, description="how often acknowledged entries are trimmed (and lag sampled)"
@@ -146,6 +159,7 @@ class Settings(BaseSettings):
         "summary_timeout",
         "backlog_wait",
         "breaker_reset",
+        "durable_timeout",
         mode="before",
     )
     @classmethod
@@ -215,6 +229,17 @@ class Settings(BaseSettings):
         return min(MAX_SOCKET_TIMEOUT, self.lease_ttl / 3)
 
     @model_validator(mode="after")
+    def _durable_within_timeout(self) -> Settings:
+        if not 0.01 <= self.durable_timeout <= self.socket_timeout - BLOCK_MARGIN:
+            raise ValueError(
+                f"durable_timeout ({self.durable_timeout:g}s) must be at least 0.01s and end "
+                f"at least {BLOCK_MARGIN:g}s within the socket timeout "
+                f"({self.socket_timeout:g}s, a third of lease_ttl): WAIT must answer before "
+                f"the timeout that bounds every command"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _windows(self) -> Settings:
         if self.tombstone_ttl < self.idempotency_window:
             raise ValueError(
@@ -233,6 +258,13 @@ class Settings(BaseSettings):
 
     def resource_paths(self) -> list[Path]:
         return [Path(p) for p in self.resources.split(":") if p]
+
+    @property
+    def effective_breaker_reset(self) -> float:
+        """The breaker's open time, at most a quarter of the lease TTL: while it is open,
+        lease refreshes fail at once too, and a short Redis stall must not cost every
+        lease (socket timeout + open time + a heartbeat stay within the TTL)."""
+        return min(self.breaker_reset, self.lease_ttl / 4)
 
     def limits(self) -> RequestLimits:
         return RequestLimits(

@@ -32,8 +32,9 @@ def producer_rules(namespace: str = "ms") -> list[str]:
 
     Keys: the ingest and lifecycle streams (XADD, and creating their consumer groups
     before the first entry); read only (no command that writes them is allowed): the
-    configuration (the partition count, which the processors store), outcomes,
-    held-partition markers and the ended workflows (read while waiting)."""
+    configuration (the partition count, which the processors store) and each
+    partition's count (checked by the publish script), outcomes, held-partition markers
+    and the ended workflows (read while waiting)."""
     ns = namespace
     return [
         "resetkeys",
@@ -53,6 +54,7 @@ def producer_rules(namespace: str = "ms") -> list[str]:
         f"~{ns}:out:*",
         f"~{ns}:held:*",
         f"~{ns}:ended:*",
+        f"~{ns}:pcount:*",
     ]
 
 

@@ -12,6 +12,7 @@ trial through at a time and reports the state.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -78,6 +79,12 @@ def is_transport_failure(error: BaseException) -> bool:
     )
 
 
+#: The breakers whose call the current task is inside of.
+_ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "memstream_active_breakers", default=frozenset()
+)
+
+
 class CircuitBreaker:
     """The breaker of one client. One event loop uses it (as it does the client)."""
 
@@ -118,7 +125,20 @@ class CircuitBreaker:
         return max(0.0, opened + self.reset_seconds - time.time())
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis call through the breaker."""
+        """Run one Redis call through the breaker. A call made while another call of
+        this breaker runs in the same task (a cluster pipeline re-sending a command
+        after MOVED goes through the client again) is part of that call: it passes
+        through, and is not counted twice."""
+        active = _ACTIVE.get()
+        if id(self) in active:
+            return await fn()
+        token = _ACTIVE.set(active | {id(self)})
+        try:
+            return await self._call(fn)
+        finally:
+            _ACTIVE.reset(token)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         trial = self._enter()
         try:
             result = await fn()

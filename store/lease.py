@@ -95,6 +95,17 @@ class Leases:
         )
         return int(reply) == 1
 
+    async def release_lost(self, lease: Lease) -> bool:
+        """After giving a partition up because Redis could not be reached (its loop has
+        stopped, nothing in flight): record the handover as clean, so the next holder
+        charges no attempt, unless another worker acquired the partition meanwhile."""
+        keys = [
+            self._keys.lease(lease.partition, self.group),
+            self._keys.released(lease.partition, self.group),
+            self._keys.fence(lease.partition, self.group),
+        ]
+        return int(await self._scripts("release_lost", keys, [lease.value])) == 1
+
     async def release(self, lease: Lease) -> bool:
         """Give the lease up; False if it was not held any more."""
         keys = [

@@ -93,6 +93,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c.stop()
 
 
+@pytest.fixture(scope="session")
+def replicated_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A Redis Cluster of 3 masters with one replica each (for failover tests; they
+    leave it with 3 masters and a live replica each, whichever nodes those are)."""
+    binary = FLAVOURS[DEFAULT_FLAVOUR]
+    c = Cluster(binary, tmp_path_factory.mktemp("replicated"), replicas=1)
+    c.start()
+    yield c
+    c.stop()
+
+
 @pytest.fixture
 def namespace() -> str:
     return f"t{uuid.uuid4().hex[:10]}"

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -74,11 +75,26 @@ def cluster_port() -> int:
             return port
 
 
-class Cluster:
-    """A Redis Cluster of ``masters`` masters (no replicas) on local ports."""
+@dataclass(frozen=True)
+class NodeRole:
+    """One node of a cluster as CLUSTER NODES shows it."""
 
-    def __init__(self, binary: str, base: Path, masters: int = 3) -> None:
+    port: int
+    node_id: str
+    master: bool
+    master_id: str  # "-" for a master
+    failed: bool
+    slots: int  # how many slots a master serves
+
+
+class Cluster:
+    """A Redis Cluster of ``masters`` masters, each with ``replicas`` replicas (none by
+    default), on local ports."""
+
+    def __init__(self, binary: str, base: Path, masters: int = 3, replicas: int = 0) -> None:
         self.binary = binary
+        self.masters = masters
+        self.replicas = replicas
         self.nodes = [
             RedisServerProcess(
                 binary,
@@ -94,7 +110,7 @@ class Cluster:
                     "3000",
                 ],
             )
-            for i in range(masters)
+            for i in range(masters * (1 + replicas))
         ]
 
     @property
@@ -114,22 +130,86 @@ class Cluster:
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         command = [cli_for(self.binary), "--cluster", "create", *addresses]
         subprocess.run(
-            [*command, "--cluster-replicas", "0", "--cluster-yes"],
+            [*command, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
         )
-        deadline = time.monotonic() + 30
+        self.wait_healthy(30)
+
+    def node(self, port: int) -> RedisServerProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def alive(self, server: RedisServerProcess) -> bool:
+        return server.process is not None and server.process.poll() is None
+
+    def roles(self) -> list[NodeRole]:
+        """Every node as the first live node sees it."""
+        for server in self.nodes:
+            if not self.alive(server):
+                continue
+            try:
+                with redis.Redis(port=server.port, decode_responses=True) as node:
+                    text = node.execute_command("CLUSTER", "NODES")
+            except redis.RedisError:
+                continue
+            return [_role(line) for line in str(text).splitlines() if line.strip()]
+        raise RuntimeError("no live cluster node answers")
+
+    def masters_now(self) -> list[NodeRole]:
+        return [r for r in self.roles() if r.master and r.slots and not r.failed]
+
+    def replicas_of(self, master: NodeRole) -> list[NodeRole]:
+        return [r for r in self.roles() if r.master_id == master.node_id and not r.failed]
+
+    def healthy(self) -> bool:
+        """Every node runs and says cluster_state:ok; ``masters`` masters serve every
+        slot, each with ``replicas`` replicas whose link to it is up."""
+        for server in self.nodes:
+            if not self.alive(server):
+                return False
+            with redis.Redis(port=server.port, decode_responses=True) as node:
+                if node.cluster("info").get("cluster_state") != "ok":
+                    return False
+                info = node.info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    return False
+        masters = self.masters_now()
+        if len(masters) != self.masters or sum(m.slots for m in masters) != 16384:
+            return False
+        return all(len(self.replicas_of(m)) == self.replicas for m in masters)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            states = []
-            for n in self.nodes:
-                with redis.Redis(port=n.port, decode_responses=True) as node:
-                    states.append(node.cluster("info").get("cluster_state") == "ok")
-            if all(states):
-                return
+            try:
+                if self.healthy():
+                    return
+            except redis.RedisError:
+                pass
             time.sleep(0.2)
-        raise RuntimeError("the test cluster did not reach cluster_state:ok")
+        raise RuntimeError(f"the test cluster is not healthy after {timeout:g}s: {self.roles()}")
 
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def _role(line: str) -> NodeRole:
+    """One line of CLUSTER NODES: id addr flags master ping pong epoch link slots..."""
+    fields = line.split()
+    flags = fields[2].split(",")
+    slots = 0
+    for part in fields[8:]:
+        if part.startswith("["):
+            continue  # a slot being migrated
+        low, _, high = part.partition("-")
+        slots += int(high or low) - int(low) + 1
+    return NodeRole(
+        port=int(fields[1].split("@")[0].rsplit(":", 1)[1]),
+        node_id=fields[0],
+        master="master" in flags,
+        master_id=fields[3],
+        failed="fail" in flags,
+        slots=slots,
+    )

@@ -8,7 +8,14 @@ import asyncio
 
 import pytest
 
-from events import BacklogFullError, PartiallyPublishedError, Publisher, RequestLimits
+from events import (
+    BacklogFullError,
+    PartiallyPublishedError,
+    Publisher,
+    PublishError,
+    RedisUnavailableError,
+    RequestLimits,
+)
 from events.envelope import AppendPayload, MemoryName, MessageAppended
 from memory import MemoryRef, partition_for
 from processors.app import App
@@ -150,3 +157,39 @@ async def test_the_cleanup_processor_sends_workflow_ends_to_full_streams(
         finally:
             stop.set()
             await asyncio.wait_for(task, 20)
+
+
+async def test_a_failure_after_part_of_a_batch_was_published_says_so(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Partition 2's events are published, partition 1 is full and waited for; then
+    Redis becomes unreachable: the error must not say that nothing was published."""
+    publisher = bounded(rig, wait=5.0)
+    full, free = ref_in(1, "pf-"), ref_in(2, "pr-")
+    for i in range(BOUND):
+        await publisher.append(full, user(f"m{i}"))
+    rounds = 0
+    send = publisher._pipeline
+
+    async def failing_later(*args: object, **kwargs: object) -> object:
+        nonlocal rounds
+        rounds += 1
+        if rounds > 1:
+            raise RedisUnavailableError("Redis is unreachable, nothing was published: gone")
+        return await send(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(publisher, "_pipeline", failing_later)
+    with pytest.raises(PartiallyPublishedError) as partial:
+        await publisher.publish_many([appended(full, "waits"), appended(free, "goes")])
+    assert [r.partition for r in partial.value.published] == [2]
+    assert partial.value.failed == [(0, partial.value.failed[0][1])]
+    assert "not published" in partial.value.failed[0][1]
+    assert await rig.client.xlen(rig.keys.ingest(2)) == 1
+
+
+async def test_a_batch_larger_than_the_bound_is_refused_as_too_large(rig: Rig) -> None:
+    publisher, ref = bounded(rig), ref_in(1, "huge")
+    with pytest.raises(PublishError, match="more than its stream may hold") as refused:
+        await publisher.publish_many([appended(ref, f"m{i}") for i in range(BOUND + 1)])
+    assert not isinstance(refused.value, BacklogFullError)
+    assert await rig.client.xlen(rig.keys.ingest(1)) == 0

@@ -130,6 +130,29 @@ async def test_one_trial_goes_through_when_half_open_and_its_success_closes(
         await client.aclose()
 
 
+async def test_a_call_inside_a_call_is_part_of_it_even_as_the_trial() -> None:
+    """A cluster pipeline re-sends a MOVED command through the client: the nested call
+    must not be refused as a second trial, nor counted twice."""
+    breaker = CircuitBreaker("nested", threshold=1, reset_seconds=0.1)
+
+    async def broken() -> None:
+        raise RedisConnectionError("down")
+
+    with pytest.raises(RedisConnectionError):
+        await breaker.call(broken)
+    assert breaker.state is CircuitState.OPEN
+    await asyncio.sleep(0.15)
+
+    async def inner() -> str:
+        return "inner"
+
+    async def outer() -> str:
+        return await breaker.call(inner)
+
+    assert await breaker.call(outer) == "inner"  # the trial, with a call inside it
+    assert breaker.state is CircuitState.CLOSED and breaker.opens == 1
+
+
 async def test_a_publisher_fails_fast_then_recovers_by_itself(
     server_factory: list[RedisServerProcess], tmp_path: Path, keys: Keys
 ) -> None:

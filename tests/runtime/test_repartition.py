@@ -8,6 +8,7 @@ real workers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from redis.exceptions import ResponseError
 
 from events import MessageAppended, PartitionsChangingError, Publisher, event_json
 from events.envelope import AppendPayload, MemoryName
@@ -353,15 +355,15 @@ async def test_an_interrupted_change_is_finished_by_running_it_again(rig: Rig) -
 async def test_an_event_published_with_the_old_count_is_replayed_to_its_partition(
     rig: Rig,
 ) -> None:
-    stale = publisher(rig)
-    assert await stale.partitions() == PARTITIONS  # read once, kept
+    """A producer in another language that still routes with 4 partitions."""
     assert (await tool(rig).run(7)).new == 7
     start(rig, 7)
     target = moving("stale", 7)[0]
-    published = await stale.append(target, user("sent with 4 partitions"), wait=True)
-    assert published.outcome is not None and published.outcome.reason == "misrouted"
+    entry = await raw_publish(rig, target, "sent with 4 partitions", PARTITIONS)
     p = partition_for(target.memory_id, PARTITIONS)
-    letter = published.outcome.dead_letter
+    refused = await rig.reader.wait_applied(p, entry)
+    assert refused.reason == "misrouted", refused
+    letter = refused.dead_letter
     assert letter is not None
     letters = DeadLetters(rig.client, rig.scripts, rig.keys)
     routed = await letters.replay_routed(p, letter)
@@ -428,25 +430,37 @@ async def test_the_cli_needs_yes_refuses_while_running_then_changes_the_count(
         assert (await reader.read(r)).count == 2
 
 
+async def raw_publish(rig: Rig, memory: MemoryRef, text: str, count: int) -> str:
+    """What a producer in another language does: XADD an event routed with ``count``
+    (it checks nothing), as the contract describes."""
+    event = MessageAppended(
+        tenant=memory.tenant,
+        idempotency_key=f"raw-{text}",
+        partitions=count,
+        payload=AppendPayload(
+            memory=MemoryName(resource=memory.resource, key=memory.key), message=user(text)
+        ),
+    )
+    p = partition_for(memory.memory_id, count)
+    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+        await rig.client.xgroup_create(rig.keys.ingest(p), "appender", "0", mkstream=True)
+    return str(await rig.client.xadd(rig.keys.ingest(p), {"event": event_json(event)}))
+
+
 async def test_events_published_meanwhile_to_a_partition_that_goes_are_forwarded(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    rig: Rig,
 ) -> None:
-    # A producer that read the count (4) before the change and has not read it again
-    # (a publisher reads it every PARTITIONS_TTL seconds; here, never again).
-    monkeypatch.setattr("events.publisher.PARTITIONS_TTL", 3600.0)
-    stale = publisher(rig)
-    assert await stale.partitions() == PARTITIONS
     t = tool(rig)
     migration = await t.begin(2)
     assert migration is not None
-    # It publishes to partition 3 during the change.
+    # A producer still using 4 partitions publishes to partition 3 during the change.
     target = next(
         ref(f"f{i}")
         for i in range(1000)
         if partition_for(f"acme/{RESOURCE}/f{i}", PARTITIONS) == 3
         and partition_for(f"acme/{RESOURCE}/f{i}", 2) == 1
     )
-    await stale.append(target, user("during the change"))
+    await raw_publish(rig, target, "during the change", PARTITIONS)
     done = await t.run(2)
     assert done.resumed and done.forwarded == 1
     assert not await rig.client.exists(rig.keys.ingest(3))
@@ -459,7 +473,7 @@ async def test_events_published_meanwhile_to_a_partition_that_goes_are_forwarded
     await rig.eventually(applied, what="the forwarded event applied")
 
     # After the change, a producer still using 4 partitions: run it again to forward.
-    await stale.append(target, user("after the change"))
+    await raw_publish(rig, target, "after the change", PARTITIONS)
     assert await rig.client.exists(rig.keys.ingest(3))
     swept = await t.run(2)
     assert (swept.old, swept.new, swept.moved, swept.forwarded) == (2, 2, 0, 1)
@@ -469,6 +483,25 @@ async def test_events_published_meanwhile_to_a_partition_that_goes_are_forwarded
         return (await reader.read(target)).count == 2
 
     await rig.eventually(both, what="the second forwarded event applied")
+
+
+async def test_an_sdk_publisher_that_read_the_old_count_publishes_with_the_new_one(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its cached count is refused by the partition itself (the publish script checks
+    the partition's count), so it reads the count again and routes with it: no event
+    of the SDK is ever stranded or misrouted by a change, however fast the change."""
+    monkeypatch.setattr("events.publisher.PARTITIONS_TTL", 3600.0)
+    stale = publisher(rig)
+    assert await stale.partitions() == PARTITIONS
+    await tool(rig).run(2)
+    target = next(
+        ref(f"s{i}") for i in range(1000) if partition_for(f"acme/{RESOURCE}/s{i}", PARTITIONS) == 3
+    )
+    published = await stale.append(target, user("after"))
+    assert published.receipt is not None
+    assert published.receipt.partition == partition_for(target.memory_id, 2)
+    assert await stale.partitions() == 2
 
 
 async def test_producers_and_readers_refuse_during_a_change_and_follow_it_after(
