@@ -4,15 +4,14 @@ entry ids back, and optionally wait for each entry's outcome (read-your-writes).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.asyncio.cluster import PipelineCommand, RedisCluster
-from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -74,11 +73,11 @@ from store import (
     Scripts,
     Topic,
     WaitTimeoutError,
-    breaker_of,
     ensure_groups,
     ensure_partitions,
 )
 from store.config import PARTITIONS_TTL, read_partitions
+from store.replicas import run_then_wait
 
 T = TypeVar("T")
 #: A producer creates the consumer groups of the streams it writes, no others.
@@ -91,7 +90,6 @@ UNKNOWN_OUTCOME = (
 #: script did not run there, so nothing was published to that partition.
 MOVING = (ClusterDownError, AskError)
 #: How many times a durable publish on a Cluster follows MOVED before it gives up.
-MAX_REDIRECTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -566,7 +564,18 @@ class Publisher:
                 # Each partition's script and its WAIT on one connection of the master
                 # that owns the partition's slot, concurrently.
                 pairs = await asyncio.gather(
-                    *(self._on_owner(self._client, k, a) for k, a in calls),
+                    *(
+                        run_then_wait(
+                            self._client,
+                            self._scripts,
+                            "publish_events",
+                            k,
+                            a,
+                            self._durable,
+                            self._durable_ms,
+                        )
+                        for k, a in calls
+                    ),
                     return_exceptions=True,
                 )
                 opened = [r for r in pairs if isinstance(r, CircuitOpenError)]
@@ -621,41 +630,6 @@ class Publisher:
             raise PublishOutcomeUnknownError(
                 f"Redis failed ({e}): {unknown}", idempotency_keys=keys
             ) from e
-
-    async def _on_owner(
-        self, cluster: RedisCluster, keys: Sequence[str], args: Sequence[str]
-    ) -> tuple[Any, int]:
-        """Run the publish script, then WAIT, on one connection of the Cluster master
-        that owns the stream's slot (WAIT counts the writes of its own connection and
-        cannot run in a script): the script's reply and the replicas that confirmed.
-        A MOVED reply (a failover moved the slot; the script did not run) is followed
-        to the new master."""
-        stack = _Stack()
-        self._scripts.queue(stack, "publish_events", keys, args)
-        stack.wait(self._durable, self._durable_ms)
-        breaker = breaker_of(cluster)
-        for _ in range(MAX_REDIRECTS):
-            await cluster.initialize()
-            node = cluster.get_node_from_key(keys[0])
-            if node is None:
-                raise ClusterDownError(f"no Cluster node serves {keys[0]}")
-            commands = stack.commands()
-            try:
-                if breaker is None:
-                    await node.execute_pipeline(commands)
-                else:
-                    await breaker.call(lambda: node.execute_pipeline(commands))  # noqa: B023
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                # As the cluster client does: read the slots again before the next call.
-                with contextlib.suppress(*TRANSIENT_ERRORS):
-                    await cluster.nodes_manager.initialize()
-                raise
-            reply, waited = commands[0].result, commands[1].result
-            if isinstance(reply, MovedError):
-                await cluster.nodes_manager.move_slot(reply)
-                continue
-            return reply, waited if isinstance(waited, int) else 0
-        return reply, 0
 
     async def workflow_started(
         self,
@@ -924,24 +898,6 @@ class Publisher:
         )
         event = FlushRequested(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
-
-
-class _Stack:
-    """Commands for one connection of a Cluster node (``Scripts.queue`` adds its
-    EVALSHA here as it would to a pipeline)."""
-
-    def __init__(self) -> None:
-        self._args: list[tuple[Any, ...]] = []
-
-    def evalsha(self, *args: Any) -> None:
-        self._args.append(("EVALSHA", *args))
-
-    def wait(self, replicas: int, timeout_ms: int) -> None:
-        self._args.append(("WAIT", replicas, timeout_ms))
-
-    def commands(self) -> list[PipelineCommand]:
-        """Fresh commands (each holds its own result)."""
-        return [PipelineCommand(i, *args) for i, args in enumerate(self._args)]
 
 
 def _messages_of(event: MemoryEvent) -> list[Message]:

@@ -215,7 +215,13 @@ class App:
 
     async def appender(self, registry: ResourceRegistry, worker_id: str | None = None) -> Worker:
         processor = Appender(
-            MemoryStore(self.scripts, self.keys, self.settings.retention()),
+            MemoryStore(
+                self.scripts,
+                self.keys,
+                self.settings.retention(),
+                replicas=self.settings.durable_replicas,
+                replica_timeout=self.settings.durable_timeout,
+            ),
             self.keys,
             registry,
             await self.partitions(),

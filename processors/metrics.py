@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from store import CircuitBreaker, CircuitState
+from store.breaker import Breaker, CircuitState
 
 #: Seconds: from a millisecond script call to a slow LLM summary.
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -177,7 +177,7 @@ class Metrics:
         with contextlib.suppress(KeyError):
             self.lag.remove(processor, str(partition))
 
-    def watch_circuit(self, breaker: CircuitBreaker) -> None:
+    def watch_circuit(self, breaker: Breaker) -> None:
         """Report a client's breaker: its state at every scrape, and each opening."""
         self.circuit_state.labels(breaker.name).set_function(lambda: float(breaker.state))
         opens = self.circuit_opens.labels(breaker.name)

@@ -103,8 +103,9 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         le=100,
-        description="replicas every publish must reach (Redis WAIT) before it returns; "
-        "0: off (a publish returns once the master has it)",
+        description="replicas every publish must reach (Redis WAIT) before it returns, and "
+        "the appender waits for after each batch; 0: off (a publish returns once the "
+        "master has it)",
     )
     durable_timeout: float = Field(
         default=1.0,

@@ -199,6 +199,74 @@ class CircuitBreaker:
                 listener(new)
 
 
+class NodeBreakers:
+    """The breakers of a Redis Cluster client: one per node, so a master that cannot be
+    reached (until its replica is promoted) fails fast alone while the others' slots
+    work on. Seen as one breaker (status, metrics): the worst state of its nodes, the
+    openings of all of them. Calls that name no node (keyless commands) go through a
+    breaker of their own."""
+
+    ANY = "*"
+
+    def __init__(self, name: str, threshold: int = 5, reset_seconds: float = 5.0) -> None:
+        if threshold < 1 or reset_seconds <= 0:
+            raise ValueError("a circuit breaker needs a threshold >= 1 and a reset time > 0")
+        self.name = name
+        self.threshold = threshold
+        self.reset_seconds = reset_seconds
+        self._by_node: dict[str, CircuitBreaker] = {}
+        self._listeners: list[Callable[[CircuitState], None]] = []
+
+    def for_node(self, node: str) -> CircuitBreaker:
+        """The breaker of one node (``host:port``), made at its first call."""
+        breaker = self._by_node.get(node)
+        if breaker is None:
+            label = self.name if node == self.ANY else f"{self.name} node {node}"
+            breaker = CircuitBreaker(label, self.threshold, self.reset_seconds)
+            for listener in self._listeners:
+                breaker.add_listener(listener)
+            self._by_node[node] = breaker
+        return breaker
+
+    @property
+    def nodes(self) -> dict[str, CircuitBreaker]:
+        return dict(self._by_node)
+
+    def add_listener(self, listener: Callable[[CircuitState], None]) -> None:
+        self._listeners.append(listener)
+        for breaker in self._by_node.values():
+            breaker.add_listener(listener)
+
+    @property
+    def state(self) -> CircuitState:
+        return max((b.state for b in self._by_node.values()), default=CircuitState.CLOSED)
+
+    @property
+    def opens(self) -> int:
+        return sum(b.opens for b in self._by_node.values())
+
+    @property
+    def last_opened_at(self) -> float | None:
+        times = [b.last_opened_at for b in self._by_node.values() if b.last_opened_at]
+        return max(times) if times else None
+
+    @property
+    def last_error(self) -> str:
+        errors = [f"{n}: {b.last_error}" for n, b in self._by_node.items() if b.last_error]
+        return "; ".join(errors)
+
+    def retry_in(self) -> float:
+        return max((b.retry_in() for b in self._by_node.values()), default=0.0)
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """A call that names no node."""
+        return await self.for_node(self.ANY).call(fn)
+
+
+#: A client's breaker: one for a single server, one per node for a Cluster.
+Breaker = CircuitBreaker | NodeBreakers
+
+
 @dataclass(frozen=True, slots=True)
 class CircuitRecord:
     """A worker's breaker as it last recorded it in Redis (``memstream status``)."""
@@ -209,7 +277,7 @@ class CircuitRecord:
     recorded_at_ms: int = 0  # by the Redis clock
 
     @classmethod
-    def of(cls, breaker: CircuitBreaker) -> CircuitRecord:
+    def of(cls, breaker: Breaker) -> CircuitRecord:
         return cls(breaker.state.label, breaker.opens, breaker.last_opened_at)
 
     def to_json(self) -> str:

@@ -17,12 +17,12 @@ from typing import Any, TypeAlias, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from store.breaker import CircuitBreaker
+from store.breaker import Breaker, CircuitBreaker, NodeBreakers
 from store.errors import ConnectionSetupError
 
 RedisClient: TypeAlias = Redis | RedisCluster
@@ -65,46 +65,39 @@ class GuardedRedis(Redis):
         return pipe
 
 
-class GuardedClusterPipeline(ClusterPipeline):
-    """A cluster pipeline whose execution goes through its client's breaker."""
-
-    breaker: CircuitBreaker | None = None
-
-    async def execute(
-        self, raise_on_error: bool = True, allow_redirections: bool = True
-    ) -> list[Any]:
-        if self.breaker is None:
-            return await super().execute(raise_on_error, allow_redirections)
-        return await self.breaker.call(
-            lambda: super(GuardedClusterPipeline, self).execute(raise_on_error, allow_redirections)
-        )
-
-
 class GuardedRedisCluster(RedisCluster):
-    """A Redis Cluster client whose every command goes through ``breaker`` (one breaker
-    for the cluster: a node that cannot be reached makes the cluster client fail over or
-    fail, and those failures are what counts)."""
+    """A Redis Cluster client whose every command goes through the breaker of the node
+    that serves it (``breaker.for_node``), so one master that cannot be reached does not
+    make the others fail fast. Pipelines (which span nodes) are not guarded: each of
+    their commands is bounded by the socket timeout."""
 
-    breaker: CircuitBreaker | None = None
+    breaker: NodeBreakers | None = None
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self.breaker is None:
             return await super().execute_command(*args, **kwargs)
-        return await self.breaker.call(
+        breaker = await self._breaker_for(args, kwargs)
+        return await breaker.call(
             lambda: super(GuardedRedisCluster, self).execute_command(*args, **kwargs)
         )
 
-    def pipeline(
-        self, transaction: Any | None = None, shard_hint: Any | None = None
-    ) -> ClusterPipeline:
-        if shard_hint:
-            raise RedisClusterException("shard_hint is deprecated in cluster mode")
-        pipe = GuardedClusterPipeline(self, transaction)  # type: ignore[abstract]
-        pipe.breaker = self.breaker
-        return pipe
+    async def _breaker_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CircuitBreaker:
+        assert self.breaker is not None
+        target = kwargs.get("target_nodes")
+        if isinstance(target, ClusterNode):
+            return self.breaker.for_node(target.name)
+        if target is None and args and self.nodes_manager.slots_cache:
+            try:
+                slot = await self._determine_slot(*args)
+                node = self.nodes_manager.get_node_from_slot(slot)
+            except (RedisClusterException, RedisError, KeyError, IndexError, ValueError):
+                pass  # a keyless command, or slots not known yet
+            else:
+                return self.breaker.for_node(node.name)
+        return self.breaker.for_node(NodeBreakers.ANY)
 
 
-def breaker_of(client: RedisClient) -> CircuitBreaker | None:
+def breaker_of(client: RedisClient) -> Breaker | None:
     """The circuit breaker of a client made by ``connect`` (None for another client)."""
     return getattr(client, "breaker", None)
 
@@ -152,19 +145,18 @@ def connect(
     }
     if max_connections is not None:
         options["max_connections"] = max_connections
-    breaker = CircuitBreaker(describe(url), breaker_threshold, breaker_reset)
-    client: GuardedRedis | GuardedRedisCluster
     try:
         if use_cluster:
             if plain_url.startswith("unix://"):
                 raise ConnectionSetupError("a Redis Cluster cannot be reached over a unix socket")
-            client = cast(GuardedRedisCluster, GuardedRedisCluster.from_url(plain_url, **options))
-        else:
-            client = cast(GuardedRedis, GuardedRedis.from_url(plain_url, **options))
+            many = cast(GuardedRedisCluster, GuardedRedisCluster.from_url(plain_url, **options))
+            many.breaker = NodeBreakers(describe(url), breaker_threshold, breaker_reset)
+            return many
+        single = cast(GuardedRedis, GuardedRedis.from_url(plain_url, **options))
     except ValueError as e:
         raise ConnectionSetupError(f"invalid Redis URL {url!r}: {e}") from e
-    client.breaker = breaker
-    return client
+    single.breaker = CircuitBreaker(describe(url), breaker_threshold, breaker_reset)
+    return single
 
 
 def describe(url: str) -> str:

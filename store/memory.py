@@ -4,13 +4,18 @@ script (``apply_batch.lua``) that also records outcomes and acknowledges."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from store.errors import LeaseLostError
 from store.keys import Group, Keys
 from store.lease import Lease
+from store.replicas import run_then_wait
 from store.scripts import Scripts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,10 +282,26 @@ class Lookups:
 class MemoryStore:
     """Applies appender batches to the materialized memory."""
 
-    def __init__(self, scripts: Scripts, keys: Keys, retention: Retention | None = None) -> None:
+    def __init__(
+        self,
+        scripts: Scripts,
+        keys: Keys,
+        retention: Retention | None = None,
+        *,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
+    ) -> None:
+        """With ``replicas``, every batch is followed by a WAIT for that many replicas
+        (at most ``replica_timeout`` seconds) before the appender goes on: a failover
+        then takes back at most the batch in flight, whose entries are pending again on
+        the new master and are applied again (its effects and its acknowledgement
+        replicate together, so nothing is applied twice)."""
         self._scripts = scripts
         self._keys = keys
         self.retention = retention or Retention()
+        self.replicas = replicas
+        self._replica_ms = max(1, int(replica_timeout * 1000))
+        self.unconfirmed = 0  # batches fewer replicas than ``replicas`` confirmed
 
     async def lookups(
         self,
@@ -310,6 +331,32 @@ class MemoryStore:
         """The statuses of ``apply_with_reasons``."""
         return (await self.apply_with_reasons(lease, batch))[0]
 
+    async def _apply(self, partition: int, keys: list[str], args: list[Any]) -> Any:
+        if not self.replicas:
+            return await self._scripts("apply_batch", keys, args)
+        reply, confirmed = await run_then_wait(
+            self._scripts.client,
+            self._scripts,
+            "apply_batch",
+            keys,
+            args,
+            self.replicas,
+            self._replica_ms,
+        )
+        if isinstance(reply, BaseException):
+            raise reply
+        if confirmed < self.replicas and reply[0] != "stale":
+            self.unconfirmed += 1
+            log.warning(
+                "partition %d: a batch was confirmed by %d of %d replicas within %d ms; a "
+                "failover now would take it back (it is applied again from the stream)",
+                partition,
+                confirmed,
+                self.replicas,
+                self._replica_ms,
+            )
+        return reply
+
     async def apply_with_reasons(
         self, lease: Lease, batch: ApplyBatch
     ) -> tuple[list[str], list[str]]:
@@ -327,8 +374,7 @@ class MemoryStore:
         memory_keys = [k for mem in batch.mems for k in keys.memory(p, str(mem["id"])).all()]
         if any(op["k"] == "ended" for op in batch.ops[:-1]):
             raise ValueError("a workflow's end must be the last op of its batch")
-        reply = await self._scripts(
-            "apply_batch",
+        script_keys = (
             [
                 keys.lease(p, Group.APPENDER),
                 keys.ingest(p),
@@ -354,6 +400,7 @@ class MemoryStore:
                 len(batch.indexes),
             ],
         )
+        reply = await self._apply(p, *script_keys)
         if reply[0] == "stale":
             raise LeaseLostError(p, Group.APPENDER.value)
         return [str(s) for s in reply[1]], [str(r) for r in reply[2]]

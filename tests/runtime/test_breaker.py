@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from prometheus_client import generate_latest
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events import MessageAppended, Publisher, RedisUnavailableError
 from events.envelope import AppendPayload, MemoryName
@@ -37,8 +39,9 @@ from store import (
     connect,
 )
 from store.embedded import free_port
-from tests.conftest import own_server
+from tests.conftest import DEFAULT_FLAVOUR, FLAVOURS, own_server
 from tests.runtime.conftest import FAST, PARTITIONS, Rig
+from tests.servers import Cluster
 
 MEMSTREAM = str(Path(sys.executable).with_name("memstream"))
 
@@ -273,3 +276,43 @@ def test_the_socket_timeout_derives_from_the_lease_ttl() -> None:
     with pytest.raises(ValidationError, match="socket timeout"):
         Settings(lease_ttl=6, block=2)
     assert Settings(breaker_threshold=3, breaker_reset="2s").breaker_reset == 2
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+async def test_on_a_cluster_one_unreachable_master_fails_fast_alone(tmp_path: Path) -> None:
+    """A breaker per node: while one master is paused, its slots fail fast and the
+    other masters' slots keep working."""
+    cluster = Cluster(FLAVOURS[DEFAULT_FLAVOUR], tmp_path / "cluster")
+    cluster.start()
+    client = connect(cluster.url, socket_timeout=0.5, breaker_threshold=2, breaker_reset=30)
+    try:
+        await client.initialize()  # type: ignore[union-attr]
+        keys = {}  # master port -> a key it serves
+        for i in range(1000):
+            node = client.get_node_from_key(f"k{i}")  # type: ignore[union-attr]
+            keys.setdefault(node.port, f"k{i}")
+            if len(keys) == 3:
+                break
+        paused_port, *healthy = sorted(keys)
+        paused = cluster.node(paused_port)
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            for _ in range(2):
+                with pytest.raises((RedisConnectionError, RedisTimeoutError)):
+                    await client.set(keys[paused_port], "x")
+            started = time.monotonic()
+            with pytest.raises(CircuitOpenError):
+                await client.set(keys[paused_port], "x")
+            assert time.monotonic() - started < 0.1  # failing fast
+            for port in healthy:  # the others are not affected
+                assert await client.set(keys[port], "y")
+                assert await client.get(keys[port]) == "y"
+            breaker = breaker_of(client)
+            assert breaker is not None and breaker.state is CircuitState.OPEN
+            assert breaker.opens == 1
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+    finally:
+        await client.aclose()
+        cluster.stop()

@@ -23,11 +23,22 @@ from events import (
     Publisher,
     PublishError,
 )
-from memory import MemoryRef, Message, Role, partition_for
+from memory import MemoryRef, Message, ResourceRegistry, Role, partition_for
+from processors import Appender, Worker
 from processors.settings import Settings
-from store import Keys, RedisClient, RedisServerProcess, connect
+from store import (
+    Keys,
+    MemoryStore,
+    RedisClient,
+    RedisServerProcess,
+    Retention,
+    Scripts,
+    connect,
+    ensure_partitions,
+)
 from store.embedded import RedisServerProcess as Server
 from tests.conftest import own_server
+from tests.runtime.conftest import FAST, ROOT
 from tests.servers import Cluster
 
 PARTITIONS = 8
@@ -206,3 +217,45 @@ async def test_a_durable_publish_on_a_cluster_waits_for_the_replica_of_its_maste
     finally:
         await client.aclose()
     cluster.wait_healthy(60)
+
+
+async def waits(client: RedisClient) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
+async def test_the_appender_waits_for_the_replica_after_each_batch(
+    primary_with_replica: tuple[Server, Server, RedisClient], keys: Keys
+) -> None:
+    """Each batch is followed by a WAIT on the connection that applied it; without the
+    replica the batch is still applied (after the timeout) and counted unconfirmed."""
+    _, replica, client = primary_with_replica
+    scripts = Scripts(client)
+    await scripts.load()
+    await ensure_partitions(client, keys, PARTITIONS)
+    store = MemoryStore(scripts, keys, Retention(), replicas=1, replica_timeout=TIMEOUT)
+    registry = ResourceRegistry.load([ROOT / "memories"])
+    appender = Appender(store, keys, registry, PARTITIONS)
+    worker = Worker(client, scripts, keys, appender, PARTITIONS, FAST, worker_id="durable")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    plain = publisher(client, keys)
+    try:
+        before = await waits(client)
+        ref = ref_in(1, "w")
+        applied = await plain.append(ref, user("replicated"), wait=True)
+        assert applied.outcome is not None and applied.outcome.ok
+        assert await waits(client) > before
+        assert store.unconfirmed == 0
+        with stopped(replica):
+            late = await plain.append(ref, user("unconfirmed"), wait=True, timeout=10)
+            # The outcome is recorded by the batch itself; its WAIT is still running.
+            for _ in range(50):
+                if store.unconfirmed:
+                    break
+                await asyncio.sleep(0.05)
+        assert late.outcome is not None and late.outcome.ok
+        assert store.unconfirmed >= 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
