@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
 import time
 from dataclasses import dataclass, field
 
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from processors.assignment import assigned
 from processors.failures import Backoff
@@ -42,10 +43,26 @@ from store import (
     ensure_groups,
     record_circuit,
 )
+from store.breaker import is_transport_failure
 from store.keys import SINGLE_PARTITION_TOPICS
 from store.repartition import refuse_while_repartitioning
 
 log = logging.getLogger(__name__)
+#: How often the event loop's responsiveness is sampled, and the lag that counts as a
+#: stall (a step that blocked the loop).
+TICK = 0.1
+STALL = 0.5
+
+
+def _refusal(error: ResponseError) -> bool:
+    """An error reply that waiting does not change: a permission, a password or a key
+    of the wrong type (others, such as a Cluster failing over, pass)."""
+    text = str(error)
+    return isinstance(error, NoPermissionError) or text.startswith(
+        ("NOPERM", "WRONGPASS", "WRONGTYPE", "NOAUTH")
+    )
+
+
 #: How long the breaker record of a worker not heard from stays (``memstream status``).
 CIRCUIT_RECORD_KEEP_MS = 3_600_000
 
@@ -113,6 +130,8 @@ class Worker:
         self._watchdogs: dict[int, asyncio.Task[None]] = {}
         #: Leases given up while Redis could not be reached, not yet said to be clean.
         self._unreleased: dict[int, Lease] = {}
+        #: When the event loop was last seen stalled (time.monotonic()).
+        self._last_stall = -math.inf
         self._breaker = breaker_of(client)
 
     @property
@@ -151,6 +170,7 @@ class Worker:
         """Run until ``stop`` is set (or, with ``until_idle``, until every partition this
         worker should own is owned and has nothing left to process)."""
         log.info("worker %s (%s) starting", self.id, self.group.value)
+        ticker = asyncio.create_task(self._watch_loop())
         try:
             # A member first, then the check: a repartition starting now sees this worker.
             if not await self._first_heartbeat(stop):
@@ -183,6 +203,7 @@ class Worker:
             if changed is not None:  # every loop stopped and its lease released
                 raise changed
         finally:
+            ticker.cancel()
             self._task_group = None
             await self.shutdown()
 
@@ -195,7 +216,7 @@ class Worker:
                 await self.heartbeat()
                 return True
             except TRANSIENT_ERRORS as e:
-                if isinstance(e, ResponseError) and not isinstance(e, OutOfMemoryError):
+                if isinstance(e, ResponseError) and _refusal(e):
                     raise  # an answer that waiting does not change (NOPERM, WRONGTYPE, ...)
                 log.warning("worker %s: cannot join the %s group yet (%s)", self.id, self.group, e)
                 self.metrics.redis_errors.labels(self.group.value, type(e).__name__).inc()
@@ -203,6 +224,18 @@ class Worker:
                 async with asyncio.timeout(backoff.next()):
                     await stop.wait()
         return False
+
+    async def _watch_loop(self) -> None:
+        """Note when the event loop stalls (a step that blocked it): calls time out then
+        though Redis is fine, and a partition lost meanwhile is not Redis's fault."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(TICK)
+            if time.monotonic() - before - TICK > STALL:
+                self._last_stall = time.monotonic()
+
+    def _stalled_since(self, moment: float) -> bool:
+        return self._last_stall >= moment
 
     def _idle(self) -> bool:
         desired = assigned(self.id, self.members, self.partitions)
@@ -263,10 +296,15 @@ class Worker:
             log.warning(
                 "worker %s: lease refresh of partition %d failed (%s)", self.id, state.partition, e
             )
-            state.unreachable = True
+            # Redis's fault only when Redis could not be reached while this process kept
+            # running: a stalled event loop (a blocking step of an entry) times calls out
+            # too, and then the entry is to blame.
+            if is_transport_failure(e) and not self._stalled_since(sent - self._lease_ttl):
+                state.unreachable = True
             return
         if held:
             state.valid_until = sent + self._lease_ttl
+            state.unreachable = False
             return
         log.warning("worker %s: lease on partition %d lost", self.id, state.partition)
         self.metrics.lease_losses.labels(self.group.value).inc()

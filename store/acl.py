@@ -23,6 +23,8 @@ _CONNECT = [
     "+command",
     "+asking",
     "+readonly",
+    # Durable publishes and the appender wait for replicas (MEMSTREAM_DURABLE_REPLICAS).
+    "+wait",
 ]
 _SCRIPTS = ["+evalsha", "+script|load", "+script|exists", "+time"]
 

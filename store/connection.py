@@ -88,13 +88,22 @@ class GuardedRedisCluster(RedisCluster):
             return self.breaker.for_node(target.name)
         if target is None and args and self.nodes_manager.slots_cache:
             try:
-                slot = await self._determine_slot(*args)
+                slot = await self._slot_of(args)
                 node = self.nodes_manager.get_node_from_slot(slot)
             except (RedisClusterException, RedisError, KeyError, IndexError, ValueError):
                 pass  # a keyless command, or slots not known yet
             else:
                 return self.breaker.for_node(node.name)
         return self.breaker.for_node(NodeBreakers.ANY)
+
+    async def _slot_of(self, args: tuple[Any, ...]) -> int:
+        """The slot a command goes to, without asking Redis: XREAD and XREADGROUP (whose
+        keys redis-py would look up with COMMAND GETKEYS) by their first stream."""
+        command = str(args[0]).upper()
+        if command in ("XREAD", "XREADGROUP"):
+            words = [str(a).upper() for a in args]
+            return self.keyslot(args[words.index("STREAMS") + 1])
+        return await self._determine_slot(*args)
 
 
 def breaker_of(client: RedisClient) -> Breaker | None:

@@ -5,6 +5,7 @@ durable publishes and by the appender when it waits for replicas after each batc
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from store.breaker import NodeBreakers
 from store.connection import TRANSIENT_ERRORS, RedisClient, breaker_of
 from store.scripts import Scripts
+
+log = logging.getLogger(__name__)
 
 #: MOVED replies followed before giving up (a failover moving a slot twice is rare).
 MAX_REDIRECTS = 3
@@ -87,7 +90,7 @@ async def _on_server(
     scripts.queue(pipe, name, keys, args)
     pipe.wait(replicas, timeout_ms)
     reply, waited = await pipe.execute(raise_on_error=False)
-    return reply, waited if isinstance(waited, int) else 0
+    return reply, _confirmed(waited)
 
 
 async def _on_owner(
@@ -127,5 +130,14 @@ async def _on_owner(
         if isinstance(reply, MovedError):
             await cluster.nodes_manager.move_slot(reply)
             continue
-        return reply, waited if isinstance(waited, int) else 0
+        return reply, _confirmed(waited)
     return reply, 0
+
+
+def _confirmed(waited: Any) -> int:
+    """The replicas WAIT counted; a refused WAIT (an ACL user without +wait) is logged
+    as what it is, and counts none."""
+    if isinstance(waited, int):
+        return waited
+    log.error("Redis refused WAIT (%s): nothing can be confirmed by replicas", waited)
+    return 0

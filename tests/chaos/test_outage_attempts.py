@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -105,6 +106,56 @@ async def test_outages_longer_than_the_lease_charge_no_attempt(
         assert len(appender.seen) > OUTAGES, appender.seen  # delivered again after each
         assert all(seen == {} for seen in appender.seen), appender.seen
         assert await probe.xlen(keys.dlq(0)) == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await client.aclose()
+        await probe.aclose()
+
+
+class Blocking(Appender):
+    """An entry whose processing blocks the event loop longer than the lease TTL (a
+    pathological step): the partition is lost while Redis is fine, which is the entry's
+    fault, so it must be charged and end in the dead letters (never retried forever as
+    if Redis had failed)."""
+
+    async def process(self, batch: Batch) -> Handled:
+        time.sleep(TTL + 1)  # noqa: ASYNC251 (blocks the event loop, as a runaway step would)
+        return await super().process(batch)
+
+
+@pytest.mark.timeout(180)
+async def test_an_entry_that_stalls_the_worker_is_charged_and_dead_lettered(
+    server_factory: list[RedisServerProcess], tmp_path: Path
+) -> None:
+    server = own_server(server_factory, tmp_path, appendonly=False)
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}")
+    probe = connect(server.url)
+    client = connect(server.url, socket_timeout=TTL / 3, breaker_threshold=3, breaker_reset=0.7)
+    scripts = Scripts(client)
+    await scripts.load()
+    await ensure_partitions(client, keys, 1)
+    publisher = Publisher(probe, keys=keys, default_partitions=1)
+    name = MemoryName(resource="customer-support", key="x")
+    message = Message(role=Role.USER, content="stalls")
+    published = await publisher.publish(
+        MessageAppended(tenant="acme", payload=AppendPayload(memory=name, message=message))
+    )
+    registry = ResourceRegistry.load([ROOT / "memories"])
+    appender = Blocking(MemoryStore(scripts, keys, Retention()), keys, registry, 1)
+    config = WorkerConfig(
+        lease_ttl_ms=int(TTL * 1000),
+        heartbeat_ms=500,
+        loop=LoopConfig(block_ms=200, backoff_max=0.5, max_attempts=2),
+    )
+    worker = Worker(client, scripts, keys, appender, 1, config, worker_id="w1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        assert published.receipt is not None
+        outcome = await publisher.wait_applied(published.receipt, timeout=120)
+        assert outcome.reason == "attempts_exhausted", outcome
+        assert await probe.xlen(keys.dlq(0)) == 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
