@@ -90,11 +90,19 @@ class PartiallyPublishedError(PublishError):
     accepted the others."""
 
     def __init__(
-        self, message: str, *, published: list[Any], failed: list[tuple[int, str]]
+        self,
+        message: str,
+        *,
+        published: list[Any],
+        failed: list[tuple[int, str]],
+        unconfirmed: list[Any] | None = None,
     ) -> None:
+        """``unconfirmed``: of ``published``, those a durable publisher could not confirm
+        on its replicas (publish them again with the same idempotency keys too)."""
         super().__init__(message)
         self.published = published
         self.failed = failed
+        self.unconfirmed = unconfirmed or []
 
 
 class BacklogFullError(PublishError):

@@ -350,7 +350,7 @@ class Publisher:
         todo = list(by_partition)
         while todo:
             replies, replicas = await self._partly(
-                self._pipeline(routed, by_partition, todo, lifecycle), routed, ids
+                self._pipeline(routed, by_partition, todo, lifecycle), routed, ids, confirmed
             )
             lost: list[int] = []
             full = {}
@@ -386,7 +386,7 @@ class Publisher:
                 )
                 lost = []
             elif lost:  # Redis lost the scripts (a restart, a failover): load them again
-                await self._partly(self._guard(self._scripts.load()), routed, ids)
+                await self._partly(self._guard(self._scripts.load()), routed, ids, confirmed)
                 reloaded = True
             if full and time.monotonic() < deadline:
                 await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
@@ -399,9 +399,12 @@ class Publisher:
             routed, by_partition, ids, failed, full, recounted, moving, confirmed, lifecycle
         )
 
-    @staticmethod
     async def _partly(
-        step: Awaitable[T], routed: Sequence[tuple[int, AnyEvent, str]], ids: list[str | None]
+        self,
+        step: Awaitable[T],
+        routed: Sequence[tuple[int, AnyEvent, str]],
+        ids: list[str | None],
+        confirmed: dict[int, int],
     ) -> T:
         """Run a step of a publish. When it fails after an earlier round published some
         events (a backlog wait, scripts loaded again), raise PartiallyPublishedError with
@@ -425,7 +428,14 @@ class Publisher:
             f"({why}): publish those again with the same idempotency keys",
             published=published,
             failed=failed,
+            unconfirmed=self._unconfirmed(published, confirmed),
         ) from partly
+
+    def _unconfirmed(self, published: list[Receipt], confirmed: dict[int, int]) -> list[Receipt]:
+        """Of published events, those a durable publisher's replicas did not confirm."""
+        if not self._durable:
+            return []
+        return [r for r in published if confirmed.get(r.partition, 0) < self._durable]
 
     def _result(
         self,
@@ -464,12 +474,20 @@ class Publisher:
             for i, (p, e, _) in enumerate(routed)
             if ids[i] is not None
         ]
+        unconfirmed = self._unconfirmed(published, confirmed)
         raise PartiallyPublishedError(
             f"Redis refused {len(failed)} of {len(routed)} events ({failed[0][1]}); the "
             f"others were published (each partition's events all or none): retry the "
-            f"refused ones",
+            f"refused ones"
+            + (
+                f"; {len(unconfirmed)} of the published ones are not confirmed by the "
+                f"replicas (publish them again too, with the same idempotency keys)"
+                if unconfirmed
+                else ""
+            ),
             published=published,
             failed=sorted(failed),
+            unconfirmed=unconfirmed,
         )
 
     def _nothing_published(

@@ -20,8 +20,10 @@ from events import (
     MemoryName,
     MessageAppended,
     NotDurableError,
+    PartiallyPublishedError,
     Publisher,
     PublishError,
+    RequestLimits,
 )
 from memory import MemoryRef, Message, ResourceRegistry, Role, partition_for
 from processors import Appender, Worker
@@ -259,3 +261,25 @@ async def test_the_appender_waits_for_the_replica_after_each_batch(
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+async def test_a_partly_published_durable_batch_names_what_the_replicas_did_not_confirm(
+    primary_with_replica: tuple[Server, Server, RedisClient], keys: Keys
+) -> None:
+    _, replica, client = primary_with_replica
+    durable = Publisher(
+        client,
+        keys=keys,
+        default_partitions=PARTITIONS,
+        durable=1,
+        durable_timeout=TIMEOUT,
+        limits=RequestLimits(max_backlog=2),
+    )
+    full, free = ref_in(1, "full-"), ref_in(2, "free-")
+    await durable.publish_many([appended(full, "a"), appended(full, "b")])
+    with stopped(replica), pytest.raises(PartiallyPublishedError) as partial:
+        await durable.publish_many([appended(full, "refused"), appended(free, "unconfirmed")])
+    error = partial.value
+    assert [r.partition for r in error.published] == [2]
+    assert error.unconfirmed == error.published
+    assert "not confirmed by the replicas" in str(error)
