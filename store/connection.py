@@ -90,8 +90,8 @@ class GuardedRedisCluster(RedisCluster):
             try:
                 slot = await self._slot_of(args)
                 node = self.nodes_manager.get_node_from_slot(slot)
-            except (RedisClusterException, RedisError, KeyError, IndexError, ValueError):
-                pass  # a keyless command, or slots not known yet
+            except Exception:  # a keyless command, slots not known yet, ...
+                pass  # then the breaker of calls that name no node
             else:
                 return self.breaker.for_node(node.name)
         return self.breaker.for_node(NodeBreakers.ANY)

@@ -276,7 +276,7 @@ async def test_a_partly_published_durable_batch_names_what_the_replicas_did_not_
         limits=RequestLimits(max_backlog=2),
     )
     full, free = ref_in(1, "full-"), ref_in(2, "free-")
-    await durable.publish_many([appended(full, "a"), appended(full, "b")])
+    await publisher(client, keys).publish_many([appended(full, "a"), appended(full, "b")])
     with stopped(replica), pytest.raises(PartiallyPublishedError) as partial:
         await durable.publish_many([appended(full, "refused"), appended(free, "unconfirmed")])
     error = partial.value
