@@ -67,12 +67,21 @@ def _bindable(port: int) -> bool:
     return True
 
 
+#: Ports handed out for cluster nodes in this process, with their bus ports: a port is
+#: chosen before its node binds it, so the next choice must not take it again.
+_HANDED_OUT: set[int] = set()
+
+
 def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is valid and free too."""
+    """A free port whose cluster bus port (+10000) is valid and free too, and neither of
+    them handed out before (to a node that may not have bound it yet)."""
     while True:
         port = free_port()
-        if port <= 55535 and _bindable(port + 10000):
-            return port
+        bus = port + 10000
+        if port > 55535 or {port, bus} & _HANDED_OUT or not _bindable(bus):
+            continue
+        _HANDED_OUT.update((port, bus))
+        return port
 
 
 @dataclass(frozen=True)
