@@ -56,25 +56,17 @@ async def run_then_wait(
     script's reply (an exception object when it failed) and how many replicas
     confirmed. A MOVED reply (a failover moved the slot; the script did not run) is
     followed to the new master; a NOSCRIPT reply loads the scripts and runs it again."""
-    reply, waited = await _run(client, scripts, name, keys, args, replicas, timeout_ms)
-    if isinstance(reply, NoScriptError):  # Redis lost its scripts (a restart, a failover)
-        await scripts.load()
-        reply, waited = await _run(client, scripts, name, keys, args, replicas, timeout_ms)
+    for loaded in (False, True):
+        if isinstance(client, RedisCluster):
+            reply, waited = await _on_owner(client, scripts, name, keys, args, replicas, timeout_ms)
+        else:
+            reply, waited = await _on_server(
+                client, scripts, name, keys, args, replicas, timeout_ms
+            )
+        if loaded or not isinstance(reply, NoScriptError):
+            break
+        await scripts.load()  # Redis lost its scripts (a restart, a failover): once more
     return reply, waited
-
-
-async def _run(
-    client: RedisClient,
-    scripts: Scripts,
-    name: str,
-    keys: Sequence[str],
-    args: Sequence[str | int | float],
-    replicas: int,
-    timeout_ms: int,
-) -> tuple[Any, int]:
-    if isinstance(client, RedisCluster):
-        return await _on_owner(client, scripts, name, keys, args, replicas, timeout_ms)
-    return await _on_server(client, scripts, name, keys, args, replicas, timeout_ms)
 
 
 async def _on_server(

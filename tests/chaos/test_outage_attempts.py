@@ -9,11 +9,13 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from events import MessageAppended, Publisher
+from events import MessageAppended, Published, Publisher
 from events.envelope import AppendPayload, MemoryName
 from memory import Message, ResourceRegistry, Role
 from processors import Appender, LoopConfig, Worker, WorkerConfig
@@ -38,6 +40,42 @@ TTL = 3.0
 OUTAGES = 3
 
 
+@dataclass
+class OneEntry:
+    """A server of its own holding one published entry, a worker's client with short
+    deadlines and a probe client."""
+
+    server: RedisServerProcess
+    keys: Keys
+    probe: RedisClient
+    client: RedisClient
+    scripts: Scripts
+    publisher: Publisher
+    published: Published
+    registry: ResourceRegistry
+
+
+@pytest.fixture
+async def one(server_factory: list[RedisServerProcess], tmp_path: Path) -> AsyncIterator[OneEntry]:
+    server = own_server(server_factory, tmp_path, appendonly=False)
+    keys = Keys(f"t{uuid.uuid4().hex[:10]}")
+    probe = connect(server.url)
+    client = connect(server.url, socket_timeout=TTL / 3, breaker_threshold=3, breaker_reset=0.7)
+    scripts = Scripts(client)
+    await scripts.load()
+    await ensure_partitions(client, keys, 1)
+    publisher = Publisher(probe, keys=keys, default_partitions=1)
+    name = MemoryName(resource="customer-support", key="x")
+    message = Message(role=Role.USER, content="an entry")
+    published = await publisher.publish(
+        MessageAppended(tenant="acme", payload=AppendPayload(memory=name, message=message))
+    )
+    registry = ResourceRegistry.load([ROOT / "memories"])
+    yield OneEntry(server, keys, probe, client, scripts, publisher, published, registry)
+    await client.aclose()
+    await probe.aclose()
+
+
 class Gated(Appender):
     """Holds every batch until the test lets it go, noting the attempts it sees."""
 
@@ -57,22 +95,10 @@ class Gated(Appender):
 
 @pytest.mark.timeout(180)
 async def test_outages_longer_than_the_lease_charge_no_attempt(
-    server_factory: list[RedisServerProcess], tmp_path: Path
+    one: OneEntry,
 ) -> None:
-    server = own_server(server_factory, tmp_path, appendonly=False)
-    keys = Keys(f"t{uuid.uuid4().hex[:10]}")
-    probe = connect(server.url)
-    client = connect(server.url, socket_timeout=TTL / 3, breaker_threshold=3, breaker_reset=0.7)
-    scripts = Scripts(client)
-    await scripts.load()
-    await ensure_partitions(client, keys, 1)
-    publisher = Publisher(probe, keys=keys, default_partitions=1)
-    name = MemoryName(resource="customer-support", key="x")
-    message = Message(role=Role.USER, content="fine")
-    published = await publisher.publish(
-        MessageAppended(tenant="acme", payload=AppendPayload(memory=name, message=message))
-    )
-    registry = ResourceRegistry.load([ROOT / "memories"])
+    server, keys, probe, client, scripts = one.server, one.keys, one.probe, one.client, one.scripts
+    publisher, published, registry = one.publisher, one.published, one.registry
     appender = Gated(
         MemoryStore(scripts, keys, Retention()),
         keys,
@@ -109,8 +135,6 @@ async def test_outages_longer_than_the_lease_charge_no_attempt(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-        await client.aclose()
-        await probe.aclose()
 
 
 class Blocking(Appender):
@@ -126,22 +150,10 @@ class Blocking(Appender):
 
 @pytest.mark.timeout(180)
 async def test_an_entry_that_stalls_the_worker_is_charged_and_dead_lettered(
-    server_factory: list[RedisServerProcess], tmp_path: Path
+    one: OneEntry,
 ) -> None:
-    server = own_server(server_factory, tmp_path, appendonly=False)
-    keys = Keys(f"t{uuid.uuid4().hex[:10]}")
-    probe = connect(server.url)
-    client = connect(server.url, socket_timeout=TTL / 3, breaker_threshold=3, breaker_reset=0.7)
-    scripts = Scripts(client)
-    await scripts.load()
-    await ensure_partitions(client, keys, 1)
-    publisher = Publisher(probe, keys=keys, default_partitions=1)
-    name = MemoryName(resource="customer-support", key="x")
-    message = Message(role=Role.USER, content="stalls")
-    published = await publisher.publish(
-        MessageAppended(tenant="acme", payload=AppendPayload(memory=name, message=message))
-    )
-    registry = ResourceRegistry.load([ROOT / "memories"])
+    keys, probe, client, scripts = one.keys, one.probe, one.client, one.scripts
+    publisher, published, registry = one.publisher, one.published, one.registry
     appender = Blocking(MemoryStore(scripts, keys, Retention()), keys, registry, 1)
     config = WorkerConfig(
         lease_ttl_ms=int(TTL * 1000),
@@ -159,5 +171,3 @@ async def test_an_entry_that_stalls_the_worker_is_charged_and_dead_lettered(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-        await client.aclose()
-        await probe.aclose()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from events import Publisher
-from memory import MemoryRef, Message, ResourceRegistry, Role
+from events import MessageAppended, Publisher
+from events.envelope import AppendPayload, MemoryName
+from memory import MemoryRef, Message, ResourceRegistry, Role, partition_for
 from processors import Appender, LoopConfig, Worker, WorkerConfig
 from processors.accountant import Accountant
 from processors.cleanup import Cleanup
@@ -55,6 +56,24 @@ FAST = WorkerConfig(
 
 def user(text: str) -> Message:
     return Message(role=Role.USER, content=text)
+
+
+def memory_in(partition: int, tag: str, partitions: int = PARTITIONS) -> MemoryRef:
+    """A customer-support memory of acme whose key starts with ``tag`` and that falls in
+    ``partition`` of ``partitions``."""
+    for i in range(10_000):
+        ref = MemoryRef("acme", "customer-support", f"{tag}{i}")
+        if partition_for(ref.memory_id, partitions) == partition:
+            return ref
+    raise AssertionError(f"no key found for partition {partition} of {partitions}")
+
+
+def appended(ref: MemoryRef, text: str) -> MessageAppended:
+    """A user message appended to ``ref``."""
+    name = MemoryName(resource=ref.resource, key=ref.key)
+    return MessageAppended(
+        tenant=ref.tenant, payload=AppendPayload(memory=name, message=user(text))
+    )
 
 
 @dataclass

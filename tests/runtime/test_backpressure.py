@@ -16,11 +16,10 @@ from events import (
     RedisUnavailableError,
     RequestLimits,
 )
-from events.envelope import AppendPayload, MemoryName, MessageAppended
-from memory import MemoryRef, partition_for
+from memory import MemoryRef
 from processors.app import App
 from processors.settings import Settings
-from tests.runtime.conftest import PARTITIONS, ROOT, Rig, user
+from tests.runtime.conftest import PARTITIONS, ROOT, Rig, appended, memory_in, user
 
 BOUND = 5
 
@@ -37,19 +36,7 @@ def bounded(rig: Rig, bound: int = BOUND, wait: float = 0.0) -> Publisher:
 
 
 def ref_in(partition: int, tag: str) -> MemoryRef:
-    """A memory of the given partition."""
-    for i in range(10_000):
-        ref = MemoryRef("acme", "customer-support", f"{tag}{i}")
-        if partition_for(ref.memory_id, PARTITIONS) == partition:
-            return ref
-    raise AssertionError("no key found")
-
-
-def appended(ref: MemoryRef, text: str) -> MessageAppended:
-    name = MemoryName(resource=ref.resource, key=ref.key)
-    return MessageAppended(
-        tenant=ref.tenant, payload=AppendPayload(memory=name, message=user(text))
-    )
+    return memory_in(partition, tag, PARTITIONS)
 
 
 async def test_a_full_stream_refuses_with_a_typed_error_and_publishes_nothing(rig: Rig) -> None:

@@ -16,16 +16,13 @@ import pytest
 import redis
 
 from events import (
-    AppendPayload,
-    MemoryName,
-    MessageAppended,
     NotDurableError,
     PartiallyPublishedError,
     Publisher,
     PublishError,
     RequestLimits,
 )
-from memory import MemoryRef, Message, ResourceRegistry, Role, partition_for
+from memory import MemoryRef, Message, ResourceRegistry, Role
 from processors import Appender, Worker
 from processors.settings import Settings
 from store import (
@@ -40,7 +37,7 @@ from store import (
 )
 from store.embedded import RedisServerProcess as Server
 from tests.conftest import own_server
-from tests.runtime.conftest import FAST, ROOT
+from tests.runtime.conftest import FAST, ROOT, appended, memory_in
 from tests.servers import Cluster
 
 PARTITIONS = 8
@@ -52,18 +49,7 @@ def user(text: str) -> Message:
 
 
 def ref_in(partition: int, tag: str) -> MemoryRef:
-    for i in range(10_000):
-        ref = MemoryRef("acme", "customer-support", f"{tag}{i}")
-        if partition_for(ref.memory_id, PARTITIONS) == partition:
-            return ref
-    raise AssertionError("no key found")
-
-
-def appended(ref: MemoryRef, text: str) -> MessageAppended:
-    name = MemoryName(resource=ref.resource, key=ref.key)
-    return MessageAppended(
-        tenant=ref.tenant, payload=AppendPayload(memory=name, message=user(text))
-    )
+    return memory_in(partition, tag, PARTITIONS)
 
 
 @contextmanager
