@@ -86,8 +86,11 @@ class PublishOutcomeUnknownError(PublishError):
 
 
 class PartiallyPublishedError(PublishError):
-    """Redis refused some events of a batch (out of memory, read-only replica, ...) and
-    accepted the others."""
+    """Some events of a batch were published and others were not: Redis refused them
+    (out of memory, a full stream, a read-only replica, ...), or a Redis Cluster node
+    could not be reached (its breaker open: not sent; no reply: outcome unknown). Each
+    of ``failed`` is ``(index in the batch, why)``; publish those again with the same
+    idempotency keys (each is applied at most once)."""
 
     def __init__(
         self,

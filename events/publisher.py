@@ -347,6 +347,8 @@ class Publisher:
         delay, reloaded = 0.05, False
         moving = False  # a Cluster node refused a partition while changing hands
         confirmed: dict[int, int] = {}  # partition -> replicas that confirmed its events
+        unsent: dict[int, BaseException] = {}  # partition -> why nothing was sent to it
+        unknown: dict[int, BaseException] = {}  # partition -> why its outcome is unknown
         todo = list(by_partition)
         while todo:
             replies, replicas = await self._partly(
@@ -358,10 +360,10 @@ class Publisher:
                 if isinstance(reply, NoScriptError):
                     lost.append(p)
                 elif isinstance(reply, TRANSIENT_ERRORS) and not isinstance(reply, ResponseError):
-                    raise PublishOutcomeUnknownError(
-                        f"Redis failed ({reply}): {UNKNOWN_OUTCOME}",
-                        idempotency_keys=[str(e.idempotency_key) for _, e, _ in routed],
-                    ) from reply
+                    # A Cluster node not reached: its breaker open (nothing was sent to
+                    # it) or no reply (the script may have run).
+                    (unsent if isinstance(reply, CircuitOpenError) else unknown)[p] = reply
+                    failed.extend((i, unreached(reply)) for i in by_partition[p])
                 elif isinstance(reply, BaseException):
                     moving = moving or isinstance(reply, MOVING)
                     failed.extend((i, str(reply)) for i in by_partition[p])
@@ -395,9 +397,33 @@ class Publisher:
                 continue
             todo = lost
 
+        if all(i is None for i in ids) and (unknown or unsent):
+            self._raise_unreached(routed, unsent, unknown, len(by_partition))
         return self._result(
             routed, by_partition, ids, failed, full, recounted, moving, confirmed, lifecycle
         )
+
+    def _raise_unreached(
+        self,
+        routed: Sequence[tuple[int, AnyEvent, str]],
+        unsent: dict[int, BaseException],
+        unknown: dict[int, BaseException],
+        partitions: int,
+    ) -> None:
+        """Nothing was published and some partitions' nodes could not be reached: the
+        outcome is unknown if any of them was sent, else nothing was (when every
+        partition failed that way)."""
+        if unknown:
+            _, error = min(unknown.items())
+            raise PublishOutcomeUnknownError(
+                f"Redis failed ({error}): {UNKNOWN_OUTCOME}",
+                idempotency_keys=[str(e.idempotency_key) for _, e, _ in routed],
+            ) from error
+        if len(unsent) == partitions:
+            _, error = min(unsent.items())
+            raise RedisUnavailableError(
+                f"Redis is unreachable, nothing was published (fail-fast): {error}"
+            ) from error
 
     async def _partly(
         self,
@@ -476,9 +502,9 @@ class Publisher:
         ]
         unconfirmed = self._unconfirmed(published, confirmed)
         raise PartiallyPublishedError(
-            f"Redis refused {len(failed)} of {len(routed)} events ({failed[0][1]}); the "
-            f"others were published (each partition's events all or none): retry the "
-            f"refused ones"
+            f"{len(failed)} of {len(routed)} events failed ({min(failed)[1]}); the "
+            f"others were published (each partition's events all or none): publish the "
+            f"failed ones again with the same idempotency keys"
             + (
                 f"; {len(unconfirmed)} of the published ones are not confirmed by the "
                 f"replicas (publish them again too, with the same idempotency keys)"
@@ -928,3 +954,10 @@ def _messages_of(event: MemoryEvent) -> list[Message]:
 
 def _name(ref: MemoryRef) -> MemoryName:
     return MemoryName(resource=ref.resource, key=ref.key)
+
+
+def unreached(error: BaseException) -> str:
+    """Why a partition's events failed when its Cluster node could not be reached."""
+    if isinstance(error, CircuitOpenError):
+        return f"not published, Redis unreachable (fail-fast): {error}"
+    return f"outcome unknown, Redis failed: {error}"

@@ -16,8 +16,9 @@ other (a run that stops half way is finished by running it again):
    partition's hash tag, with their remaining time to live, and the tombstone's
    watermark set to the new ingest stream's last delivered id (every entry up to it was
    applied, or refused, before the move; every later one is new), then the old keys are
-   deleted. The copy reads and writes one key at a time (no command spans two partitions,
-   so it works on a Cluster) with the commands a processor's ACL user has;
+   deleted. A memory's keys share their partition's hash tag, so the copy is a few
+   pipelines, each to one node (no command spans two partitions, so it works on a
+   Cluster), with the commands a processor's ACL user has;
 5. moves the entries of the tenant, resource and workflow indexes with their memories
    (same scores), and sends the union of every partition's ended workflows to every
    new partition (the end of a workflow is a fact every partition must know);
@@ -446,40 +447,68 @@ class Repartitioner:
 
     async def _move_memory(self, memory_id: str, p: int, q: int, watermark: str) -> None:
         """Make the keys in ``q`` a copy of those in ``p`` (a key missing in ``p`` is
-        removed in ``q``), reset the watermark, then delete the keys in ``p``."""
-        src, dst = self._keys.memory(p, memory_id), self._keys.memory(q, memory_id)
-        tomb = False
-        for a, b in zip(src.all(), dst.all(), strict=True):
-            copied = await self._copy(a, b)
-            tomb = tomb or (copied and a == src.tomb)
-        if tomb:
-            await self._client.hset(dst.tomb, "wm", watermark)
-        await self._client.delete(*src.all())
+        removed in ``q``), reset the watermark, then delete the keys in ``p``.
 
-    async def _copy(self, src: str, dst: str) -> bool:
-        """Copy a hash or sorted set with its remaining TTL; False when ``src`` is gone."""
+        A memory's keys share a hash tag, so each step is one pipeline to one node: read
+        the keys' types and TTLs, read their contents (a first page of each; a key
+        larger than a page is read on, page by page), write the copies, delete the
+        originals. A step that stops half way is redone by running the move again."""
         c = self._client
-        kind = str(await c.type(src))
-        ttl = int(await c.pttl(src))
-        await c.delete(dst)
-        if kind == "none" or ttl == -2:
-            return False
+        src, dst = self._keys.memory(p, memory_id), self._keys.memory(q, memory_id)
         pipe = c.pipeline(transaction=False)
-        if kind == "zset":
-            members = {str(m): score async for m, score in c.zscan_iter(src, count=SCAN_COUNT)}
-            for part in _chunks(members):
-                pipe.zadd(dst, part)
-        elif kind == "hash":
-            fields = {str(f): str(v) async for f, v in c.hscan_iter(src, count=SCAN_COUNT)}
-            for part in _chunks(fields):
-                mapping: dict[Any, Any] = part
-                pipe.hset(dst, mapping=mapping)
-        else:
-            raise RepartitionError(f"{src} is a {kind}: a memory's keys are hashes and sorted sets")
-        if ttl > 0:
-            pipe.pexpire(dst, ttl)
+        for key in src.all():
+            pipe.type(key)
+            pipe.pttl(key)
+        found = await pipe.execute()
+        kinds = {k: str(t) for k, t in zip(src.all(), found[0::2], strict=True)}
+        ttls = {k: int(t) for k, t in zip(src.all(), found[1::2], strict=True)}
+        live = [k for k in src.all() if kinds[k] != "none" and ttls[k] != -2]
+        contents = await self._contents(live, kinds)
+        pipe = c.pipeline(transaction=False)
+        pipe.delete(*dst.all())
+        for a, b in zip(src.all(), dst.all(), strict=True):
+            if a not in live:
+                continue
+            for part in _chunks(contents[a]):
+                if kinds[a] == "zset":
+                    pipe.zadd(b, part)
+                else:
+                    mapping: dict[Any, Any] = part
+                    pipe.hset(b, mapping=mapping)
+            if ttls[a] > 0:
+                pipe.pexpire(b, ttls[a])
+        if src.tomb in live:
+            pipe.hset(dst.tomb, "wm", watermark)
         await pipe.execute()
-        return True
+        await c.delete(*src.all())
+
+    async def _contents(
+        self, live: list[str], kinds: Mapping[str, str]
+    ) -> dict[str, dict[str, Any]]:
+        """The members (with scores) or fields of each key, read in one pipeline of first
+        pages; keys with more go on page by page."""
+        c = self._client
+        pipe = c.pipeline(transaction=False)
+        for key in live:
+            if kinds[key] == "zset":
+                pipe.zscan(key, 0, count=SCAN_COUNT)
+            elif kinds[key] == "hash":
+                pipe.hscan(key, 0, count=SCAN_COUNT)
+            else:
+                raise RepartitionError(
+                    f"{key} is a {kinds[key]}: a memory's keys are hashes and sorted sets"
+                )
+        pages = await pipe.execute() if live else []
+        contents: dict[str, dict[str, Any]] = {}
+        for key, (cursor, page) in zip(live, pages, strict=True):
+            zset = kinds[key] == "zset"
+            got: dict[str, Any] = _page(page, zset)
+            while int(cursor):
+                reply: Any = await (c.zscan if zset else c.hscan)(key, cursor, count=SCAN_COUNT)
+                cursor, more = reply
+                got.update(_page(more, zset))
+            contents[key] = got
+        return contents
 
     async def _move_index(self, m: Migration, kind: str, p: int, tail: str) -> int:
         """Entries of one index whose memory now lives in another partition go to that
@@ -579,6 +608,13 @@ class Repartitioner:
             if not await c.xlen(k.dlq(p)):
                 deleted += int(await c.delete(k.dlq(p)))
         return forwarded, deleted
+
+
+def _page(page: Any, zset: bool) -> dict[str, Any]:
+    """A page of ZSCAN (member, score pairs) or HSCAN (a dict) as member or field -> value."""
+    if zset:
+        return {str(member): score for member, score in page}
+    return {str(f): str(v) for f, v in page.items()}
 
 
 def _chunks(items: Mapping[str, V]) -> list[dict[str, V]]:

@@ -20,9 +20,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from events import MessageAppended, Publisher, RedisUnavailableError
+from events import MessageAppended, PartiallyPublishedError, Publisher, RedisUnavailableError
 from events.envelope import AppendPayload, MemoryName
-from memory import Message, Role
+from memory import Message, Role, partition_for
 from processors import Settings, Worker
 from processors.metrics import Metrics
 from processors.status import group_status, render
@@ -280,39 +280,93 @@ def test_the_socket_timeout_derives_from_the_lease_ttl() -> None:
 
 @pytest.mark.cluster
 @pytest.mark.timeout(120)
-async def test_on_a_cluster_one_unreachable_master_fails_fast_alone(tmp_path: Path) -> None:
+def keyed(text: str, partition: int, partitions: int) -> MessageAppended:
+    """An append to a memory of ``partition``."""
+    for i in range(10_000):
+        if partition_for(f"acme/customer-support/m{i}", partitions) == partition:
+            name = MemoryName(resource="customer-support", key=f"m{i}")
+            message = Message(role=Role.USER, content=text)
+            return MessageAppended(
+                tenant="acme", payload=AppendPayload(memory=name, message=message)
+            )
+    raise AssertionError(f"no key of partition {partition}")
+
+
+async def publish_over_the_masters(
+    publisher: Publisher, client: RedisClient, keys: Keys, owner: dict[int, int], paused: int
+) -> set[int]:
+    """A batch over every partition while master ``paused`` hangs and its breaker is
+    open: the other masters' partitions are published, the paused one's not sent. The
+    partitions not sent."""
+    parts = len(owner)
+    batch = [keyed("mixed", p, parts) for p in range(parts)]
+    with pytest.raises(PartiallyPublishedError) as partial:
+        await publisher.publish_many(batch)
+    down = {p for p in range(parts) if owner[p] == paused}
+    assert down and len(down) < parts, owner
+    assert {r.partition for r in partial.value.published} == set(range(parts)) - down
+    assert {i for i, _ in partial.value.failed} == down  # batch[i] is partition i
+    assert all("not published" in why for _, why in partial.value.failed)
+    for p in set(range(parts)) - down:
+        assert await client.xlen(keys.ingest(p)) == 2
+    # Only the paused master's partitions: nothing was sent, and it says so.
+    with pytest.raises(RedisUnavailableError, match="nothing was published"):
+        await publisher.publish_many([keyed("down", p, parts) for p in sorted(down)])
+    return down
+
+
+async def test_on_a_cluster_one_unreachable_master_fails_fast_alone(
+    tmp_path: Path, keys: Keys
+) -> None:
     """A breaker per node: while one master is paused, its slots fail fast and the
-    other masters' slots keep working."""
+    other masters' slots keep working; a batch over several masters publishes what
+    goes to the others and names what was not sent."""
     cluster = Cluster(FLAVOURS[DEFAULT_FLAVOUR], tmp_path / "cluster")
     cluster.start()
     client = connect(cluster.url, socket_timeout=0.5, breaker_threshold=2, breaker_reset=30)
+    parts = 6
+    publisher = Publisher(client, keys=keys, default_partitions=parts)
     try:
         await client.initialize()  # type: ignore[union-attr]
-        keys = {}  # master port -> a key it serves
+        owner = {p: client.get_node_from_key(keys.ingest(p)).port for p in range(parts)}  # type: ignore[union-attr]
+        # Before the pause: scripts loaded, streams made and the count read (for 5 s).
+        await publisher.publish_many([keyed("warm", p, parts) for p in range(parts)])
+        served = {}  # master port -> a key it serves
         for i in range(1000):
             node = client.get_node_from_key(f"k{i}")  # type: ignore[union-attr]
-            keys.setdefault(node.port, f"k{i}")
-            if len(keys) == 3:
+            served.setdefault(node.port, f"k{i}")
+            if len(served) == 3:
                 break
-        paused_port, *healthy = sorted(keys)
+        paused_port = owner[0]
+        healthy = sorted(set(served) - {paused_port})
         paused = cluster.node(paused_port)
         os.kill(paused.pid, signal.SIGSTOP)
         try:
             for _ in range(2):
                 with pytest.raises((RedisConnectionError, RedisTimeoutError)):
-                    await client.set(keys[paused_port], "x")
+                    await client.set(served[paused_port], "x")
             started = time.monotonic()
             with pytest.raises(CircuitOpenError):
-                await client.set(keys[paused_port], "x")
+                await client.set(served[paused_port], "x")
             assert time.monotonic() - started < 0.1  # failing fast
             for port in healthy:  # the others are not affected
-                assert await client.set(keys[port], "y")
-                assert await client.get(keys[port]) == "y"
+                assert await client.set(served[port], "y")
+                assert await client.get(served[port]) == "y"
             breaker = breaker_of(client)
             assert breaker is not None and breaker.state is CircuitState.OPEN
             assert breaker.opens == 1
+
+            down = await publish_over_the_masters(publisher, client, keys, owner, paused_port)
         finally:
             os.kill(paused.pid, signal.SIGCONT)
+        # Nothing of the failed publishes reached the paused master (asked through a
+        # new client: this one's breaker for it stays open).
+        fresh = connect(cluster.url)
+        try:
+            for p in down:
+                assert await fresh.xlen(keys.ingest(p)) == 1
+        finally:
+            await fresh.aclose()
     finally:
         await client.aclose()
         cluster.stop()

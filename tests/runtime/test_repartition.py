@@ -596,3 +596,55 @@ async def test_a_worker_paused_through_a_change_never_works_on_the_old_count(rig
     finally:
         stop.set()
         await asyncio.wait_for(running, 20)
+
+
+async def raw(rig: Rig, memory_id: str, p: int) -> dict[str, object]:
+    """Every key of a memory in partition ``p``, by its suffix: contents and whether it
+    expires (the tombstone without its watermark)."""
+    c, keys = rig.client, rig.keys.memory(p, memory_id)
+    found: dict[str, object] = {}
+    for key in keys.all():
+        kind = str(await c.type(key))
+        if kind == "zset":
+            value: object = await c.zrange(key, 0, -1, withscores=True)
+        elif kind == "hash":
+            value = {f: v for f, v in (await c.hgetall(key)).items() if f != "wm"}
+        else:
+            assert kind == "none", key
+            continue
+        found[key.rsplit(":", 1)[1]] = (value, int(await c.pttl(key)) > 0)
+    return found
+
+
+async def test_a_memory_larger_than_a_page_moves_whole(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its keys are read page by page (ZSCAN, HSCAN): every member and field arrives,
+    with the TTLs."""
+    big = moving("big", 7)[0]
+    rig.start_all()
+    name = MemoryName(resource=RESOURCE, key=big.key)
+    events = [
+        MessageAppended(
+            tenant="acme",
+            payload=AppendPayload(memory=name, message=user(f"message {i}")),
+            idempotency_key=f"big-{i}",
+        )
+        for i in range(300)
+    ]
+    published = await rig.publisher.publish_many(events)
+    assert published[-1].receipt is not None
+    p = partition_for(big.memory_id, PARTITIONS)
+    await rig.reader.wait_applied(p, published[-1].receipt.entry_id)
+    await drain(rig, 7)
+    before = await raw(rig, big.memory_id, p)
+    assert len(before["log"][0]) == 300 and len(before["tok"][0]) >= 300  # type: ignore[index]
+    monkeypatch.setattr("store.repartition.SCAN_COUNT", 7)  # many pages per key
+
+    await tool(rig).run(7)
+
+    q = partition_for(big.memory_id, 7)
+    assert await raw(rig, big.memory_id, q) == before
+    assert await raw(rig, big.memory_id, p) == {}
+    k = rig.keys.memory(q, big.memory_id)
+    assert await rig.client.hget(k.tomb, "wm") is not None
