@@ -99,13 +99,17 @@ class PartiallyPublishedError(PublishError):
         published: list[Any],
         failed: list[tuple[int, str]],
         unconfirmed: list[Any] | None = None,
+        transient: bool = False,
     ) -> None:
         """``unconfirmed``: of ``published``, those a durable publisher could not confirm
-        on its replicas (publish them again with the same idempotency keys too)."""
+        on its replicas (publish them again with the same idempotency keys too).
+        ``transient``: every failed event failed because Redis (a Cluster node) could not
+        be reached, none because Redis refused it: publishing them again later works."""
         super().__init__(message)
         self.published = published
         self.failed = failed
         self.unconfirmed = unconfirmed or []
+        self.transient = transient
 
 
 class BacklogFullError(PublishError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -82,6 +82,9 @@ from store.replicas import run_then_wait
 T = TypeVar("T")
 #: A producer creates the consumer groups of the streams it writes, no others.
 INGEST_ONLY = (Topic.INGEST,)
+#: How the reason of an event starts when its partition's Redis node could not be
+#: reached: nothing was sent to it, or it did not answer.
+UNREACHED = ("not published, Redis unreachable", "outcome unknown, Redis failed")
 UNKNOWN_OUTCOME = (
     "the events may or may not be published; publish them again with the same "
     "idempotency keys, they apply at most once"
@@ -352,7 +355,12 @@ class Publisher:
         todo = list(by_partition)
         while todo:
             replies, replicas = await self._partly(
-                self._pipeline(routed, by_partition, todo, lifecycle), routed, ids, confirmed
+                self._pipeline(routed, by_partition, todo, lifecycle),
+                routed,
+                ids,
+                confirmed,
+                failed,
+                unknown,
             )
             lost: list[int] = []
             full = {}
@@ -388,7 +396,9 @@ class Publisher:
                 )
                 lost = []
             elif lost:  # Redis lost the scripts (a restart, a failover): load them again
-                await self._partly(self._guard(self._scripts.load()), routed, ids, confirmed)
+                await self._partly(
+                    self._guard(self._scripts.load()), routed, ids, confirmed, failed, unknown
+                )
                 reloaded = True
             if full and time.monotonic() < deadline:
                 await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
@@ -411,18 +421,19 @@ class Publisher:
         partitions: int,
     ) -> None:
         """Nothing was published and some partitions' nodes could not be reached: the
-        outcome is unknown if any of them was sent, else nothing was (when every
-        partition failed that way)."""
+        outcome is unknown if any of them was sent, else nothing was published."""
         if unknown:
             _, error = min(unknown.items())
             raise PublishOutcomeUnknownError(
                 f"Redis failed ({error}): {UNKNOWN_OUTCOME}",
                 idempotency_keys=[str(e.idempotency_key) for _, e, _ in routed],
             ) from error
-        if len(unsent) == partitions:
+        if unsent:
             _, error = min(unsent.items())
+            others = partitions - len(unsent)
             raise RedisUnavailableError(
                 f"Redis is unreachable, nothing was published (fail-fast): {error}"
+                + (f"; the other {others} partition(s) were refused too" if others else "")
             ) from error
 
     async def _partly(
@@ -431,30 +442,42 @@ class Publisher:
         routed: Sequence[tuple[int, AnyEvent, str]],
         ids: list[str | None],
         confirmed: dict[int, int],
+        failed: list[tuple[int, str]],
+        unknown: Mapping[int, BaseException],
     ) -> T:
         """Run a step of a publish. When it fails after an earlier round published some
         events (a backlog wait, scripts loaded again), raise PartiallyPublishedError with
-        the receipts of those, never an error saying nothing was published."""
+        the receipts of those, never an error saying nothing was published; when an
+        earlier round sent some to a node that did not answer, never say that nothing
+        was published either."""
         try:
             return await step
         except PublishError as error:
-            if all(i is None for i in ids):
-                raise
             partly = error
+        if all(i is None for i in ids):
+            if unknown:
+                raise PublishOutcomeUnknownError(
+                    f"Redis failed ({min(unknown.items())[1]}): {UNKNOWN_OUTCOME}",
+                    idempotency_keys=[str(e.idempotency_key) for _, e, _ in routed],
+                ) from partly
+            raise partly
         published = [
             Receipt(p, str(ids[i]), e.event_id, str(e.idempotency_key))
             for i, (p, e, _) in enumerate(routed)
             if ids[i] is not None
         ]
-        unknown = isinstance(partly, PublishOutcomeUnknownError)
-        why = f"{'outcome unknown' if unknown else 'not published'}: {partly}"
-        failed = [(i, why) for i in range(len(routed)) if ids[i] is None]
+        unknown_now = isinstance(partly, PublishOutcomeUnknownError)
+        why = f"{'outcome unknown' if unknown_now else 'not published'}: {partly}"
+        decided = {i for i, _ in failed}  # failed in an earlier round, with their reason
+        rest = [(i, why) for i in range(len(routed)) if ids[i] is None and i not in decided]
         raise PartiallyPublishedError(
             f"{len(published)} of {len(routed)} events were published; the others failed "
             f"({why}): publish those again with the same idempotency keys",
             published=published,
-            failed=failed,
+            failed=sorted([*failed, *rest]),
             unconfirmed=self._unconfirmed(published, confirmed),
+            transient=isinstance(partly, RedisUnavailableError | PublishOutcomeUnknownError)
+            and all(reason.startswith(UNREACHED) for _, reason in failed),
         ) from partly
 
     def _unconfirmed(self, published: list[Receipt], confirmed: dict[int, int]) -> list[Receipt]:
@@ -514,6 +537,7 @@ class Publisher:
             published=published,
             failed=sorted(failed),
             unconfirmed=unconfirmed,
+            transient=all(reason.startswith(UNREACHED) for _, reason in failed),
         )
 
     def _nothing_published(
@@ -957,7 +981,8 @@ def _name(ref: MemoryRef) -> MemoryName:
 
 
 def unreached(error: BaseException) -> str:
-    """Why a partition's events failed when its Cluster node could not be reached."""
+    """Why a partition's events failed when its Cluster node could not be reached (the
+    reason starts with one of UNREACHED)."""
     if isinstance(error, CircuitOpenError):
-        return f"not published, Redis unreachable (fail-fast): {error}"
-    return f"outcome unknown, Redis failed: {error}"
+        return f"{UNREACHED[0]} (fail-fast): {error}"
+    return f"{UNREACHED[1]}: {error}"

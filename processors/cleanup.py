@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from events import (
     DecodeError,
     NewerSchemaError,
+    PartiallyPublishedError,
     Publisher,
     PublishError,
     PublishOutcomeUnknownError,
@@ -93,13 +94,14 @@ class Cleanup:
         if isinstance(event, WorkflowTerminated):
             try:
                 receipts = await self._publisher.end_workflow(event)
-            except (RedisUnavailableError, PublishOutcomeUnknownError) as e:
-                # Redis (some partition of it) is unreachable: retried with backoff, never
-                # counted as an attempt (the event itself is fine).
-                raise RedisConnectionError(
-                    f"sending the end of workflow {event.payload.workflow_id} failed: {e}"
-                ) from e
             except PublishError as e:
+                if unreachable(e):
+                    # Redis (some partition of it) is unreachable: retried with backoff,
+                    # never counted as an attempt (the event itself is fine); what was
+                    # sent meanwhile is applied once.
+                    raise RedisConnectionError(
+                        f"sending the end of workflow {event.payload.workflow_id} failed: {e}"
+                    ) from e
                 # Redis refused the XADDs (out of memory, an ACL user without access, a
                 # key of the wrong type): the lifecycle stream waits, and says why in
                 # `memstream status`, until that is fixed; then it goes on by itself.
@@ -150,3 +152,10 @@ class Cleanup:
             "source": self._streams.stream(0),
         }
         return Settle(entry.id, "refused", reason, detail, letter=letter)
+
+
+def unreachable(error: PublishError) -> bool:
+    """Did the publish fail only because Redis (a node of it) could not be reached?"""
+    if isinstance(error, PartiallyPublishedError):
+        return error.transient
+    return isinstance(error, RedisUnavailableError | PublishOutcomeUnknownError)

@@ -451,8 +451,9 @@ class Repartitioner:
 
         A memory's keys share a hash tag, so each step is one pipeline to one node: read
         the keys' types and TTLs, read their contents (a first page of each; a key
-        larger than a page is read on, page by page), write the copies, delete the
-        originals. A step that stops half way is redone by running the move again."""
+        larger than a page is read on, page by page), delete the copies' old state, write
+        the copies, delete the originals. A step that stops half way is redone by
+        running the move again."""
         c = self._client
         src, dst = self._keys.memory(p, memory_id), self._keys.memory(q, memory_id)
         pipe = c.pipeline(transaction=False)
@@ -464,22 +465,25 @@ class Repartitioner:
         ttls = {k: int(t) for k, t in zip(src.all(), found[1::2], strict=True)}
         live = [k for k in src.all() if kinds[k] != "none" and ttls[k] != -2]
         contents = await self._contents(live, kinds)
+        # The copies' old state goes first, alone: a Cluster pipeline may send a
+        # redirected command again after the others, which must not be this DEL.
+        await c.delete(*dst.all())
         pipe = c.pipeline(transaction=False)
-        pipe.delete(*dst.all())
         for a, b in zip(src.all(), dst.all(), strict=True):
-            if a not in live:
+            if not contents.get(a):  # gone, or expired since its type was read
                 continue
+            if a == src.tomb:  # the watermark is written with the rest
+                contents[a]["wm"] = watermark
             for part in _chunks(contents[a]):
                 if kinds[a] == "zset":
                     pipe.zadd(b, part)
                 else:
                     mapping: dict[Any, Any] = part
                     pipe.hset(b, mapping=mapping)
-            if ttls[a] > 0:
-                pipe.pexpire(b, ttls[a])
-        if src.tomb in live:
-            pipe.hset(dst.tomb, "wm", watermark)
-        await pipe.execute()
+            if ttls[a] >= 0:  # 0: it expires within the millisecond
+                pipe.pexpire(b, max(ttls[a], 1))
+        if len(pipe):
+            await pipe.execute()
         await c.delete(*src.all())
 
     async def _contents(

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events import (
     BacklogFullError,
     PartiallyPublishedError,
     Publisher,
     PublishError,
+    PublishOutcomeUnknownError,
     RedisUnavailableError,
     RequestLimits,
 )
@@ -172,6 +174,50 @@ async def test_a_failure_after_part_of_a_batch_was_published_says_so(
     assert partial.value.failed == [(0, partial.value.failed[0][1])]
     assert "not published" in partial.value.failed[0][1]
     assert await rig.client.xlen(rig.keys.ingest(2)) == 1
+
+
+@pytest.mark.parametrize("with_published", [False, True])
+async def test_an_unanswered_partition_is_never_reported_as_not_published(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, with_published: bool
+) -> None:
+    """Partition 2's node ran the script but its reply was lost (a timeout: outcome
+    unknown), partition 1 is full and waited for, then Redis becomes unreachable. What
+    was sent to partition 2 may be published: the error must say so, never "nothing
+    was published" or "not published" for it."""
+    publisher = bounded(rig, wait=5.0)
+    full, lost, free = ref_in(1, "uf-"), ref_in(2, "ul-"), ref_in(3, "ur-")
+    for i in range(BOUND):
+        await publisher.append(full, user(f"m{i}"))
+    rounds = 0
+    send = publisher._pipeline
+
+    async def reply_lost_then_down(
+        routed: object, by_partition: object, partitions: list[int], lifecycle: bool
+    ) -> tuple[list[object], list[int]]:
+        nonlocal rounds
+        rounds += 1
+        if rounds > 1:
+            raise RedisUnavailableError("Redis is unreachable, nothing was published: gone")
+        replies, counts = await send(routed, by_partition, partitions, lifecycle)  # type: ignore[arg-type]
+        replies[partitions.index(2)] = RedisTimeoutError("Timeout reading from the node")
+        return replies, counts
+
+    monkeypatch.setattr(publisher, "_pipeline", reply_lost_then_down)
+    batch = [appended(full, "waits"), appended(lost, "sent, no reply")]
+    if with_published:
+        batch.append(appended(free, "goes"))
+        with pytest.raises(PartiallyPublishedError) as partial:
+            await publisher.publish_many(batch)
+        assert [r.partition for r in partial.value.published] == [3]
+        reasons = dict(partial.value.failed)
+        assert reasons[1].startswith("outcome unknown, Redis failed"), reasons
+        assert reasons[0].startswith("not published"), reasons
+        assert partial.value.transient  # nothing was refused: publish again later
+    else:
+        with pytest.raises(PublishOutcomeUnknownError) as unknown:
+            await publisher.publish_many(batch)
+        assert "nothing was published" not in str(unknown.value)
+    assert await rig.client.xlen(rig.keys.ingest(2)) == 1  # it was, in fact, published
 
 
 async def test_a_batch_larger_than_the_bound_is_refused_as_too_large(rig: Rig) -> None:

@@ -278,8 +278,6 @@ def test_the_socket_timeout_derives_from_the_lease_ttl() -> None:
     assert Settings(breaker_threshold=3, breaker_reset="2s").breaker_reset == 2
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
 def keyed(text: str, partition: int, partitions: int) -> MessageAppended:
     """An append to a memory of ``partition``."""
     for i in range(10_000):
@@ -315,6 +313,8 @@ async def publish_over_the_masters(
     return down
 
 
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
 async def test_on_a_cluster_one_unreachable_master_fails_fast_alone(
     tmp_path: Path, keys: Keys
 ) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from events import MessageAppended, PartitionsChangingError, Publisher, event_json
@@ -622,6 +623,26 @@ async def test_a_memory_larger_than_a_page_moves_whole(
     """Its keys are read page by page (ZSCAN, HSCAN): every member and field arrives,
     with the TTLs."""
     big = moving("big", 7)[0]
+    # Small hashes are one page whatever the COUNT: make the token counts a hash table.
+    setting = "hash-max-ziplist-entries"  # an alias of hash-max-listpack-entries in 7
+    was = (await rig.client.config_get(setting))[setting]
+    await configure_every_node(rig, setting, "16")
+    try:
+        await move_a_large_memory(rig, big, monkeypatch)
+    finally:
+        await configure_every_node(rig, setting, was)
+
+
+async def configure_every_node(rig: Rig, setting: str, value: str) -> None:
+    client = rig.client
+    if isinstance(client, RedisCluster):
+        for node in client.get_nodes():
+            await client.config_set(setting, value, target_nodes=node)  # type: ignore[call-arg]
+    else:
+        await client.config_set(setting, value)
+
+
+async def move_a_large_memory(rig: Rig, big: MemoryRef, monkeypatch: pytest.MonkeyPatch) -> None:
     rig.start_all()
     name = MemoryName(resource=RESOURCE, key=big.key)
     events = [
@@ -647,4 +668,6 @@ async def test_a_memory_larger_than_a_page_moves_whole(
     assert await raw(rig, big.memory_id, q) == before
     assert await raw(rig, big.memory_id, p) == {}
     k = rig.keys.memory(q, big.memory_id)
-    assert await rig.client.hget(k.tomb, "wm") is not None
+    stream = await rig.client.xinfo_stream(rig.keys.ingest(q))
+    assert await rig.client.hget(k.tomb, "wm") == str(stream["last-generated-id"])
+    assert str(await rig.client.object("encoding", k.tok)) == "hashtable"  # HSCAN paged
