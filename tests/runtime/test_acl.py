@@ -1,6 +1,7 @@
 """The documented ACL users (``store.acl``, ``memstream acl``): the whole pipeline runs
-with processors and producers under them, and a producer can publish and wait for its
-outcomes but read no memory and change nothing else."""
+with processors and producers under them (on Redis 6.2, 7 and a Cluster), and a
+producer can publish and wait for its outcomes but read no memory and change nothing
+else."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import shlex
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from events import Publisher
@@ -35,32 +38,67 @@ from store import (
     ensure_partitions,
 )
 from store.acl import processor_rules, producer_rules, setuser
-from tests.conftest import FLAVOURS, own_server
+from tests.conftest import DEFAULT_FLAVOUR, FLAVOURS, own_server
 from tests.runtime.conftest import FAST, PARTITIONS, ROOT, user
+from tests.servers import Cluster
 
 
-@pytest.fixture(params=sorted(FLAVOURS))
+@dataclass
+class Users:
+    processor_url: str
+    producer_url: str
+    redis7: bool
+
+
+async def add_users(url: str, redis7: bool) -> None:
+    admin = connect(url)
+    try:
+        rules = processor_rules(redis7=redis7)
+        await admin.execute_command(*setuser("memstream-processor", "p-secret", rules))
+        await admin.execute_command(*setuser("agent-producer", "a-secret", producer_rules()))
+    finally:
+        await admin.aclose()
+
+
+def as_users(url: str, redis7: bool) -> Users:
+    scheme, _, host = url.partition("://")
+    return Users(
+        f"{scheme}://memstream-processor:p-secret@{host}",
+        f"{scheme}://agent-producer:a-secret@{host}",
+        redis7,
+    )
+
+
+@pytest.fixture(
+    params=[
+        *sorted(FLAVOURS),
+        pytest.param("cluster", marks=[pytest.mark.cluster, pytest.mark.timeout(180)]),
+    ]
+)
 async def acl_server(
     request: pytest.FixtureRequest,
     server_factory: list[RedisServerProcess],
     tmp_path: Path,
-) -> AsyncIterator[tuple[str, str]]:
-    """A server of its own (the ACL users are the test's), with the two users."""
-    server = own_server(server_factory, tmp_path, str(request.param), appendonly=False)
-    admin = connect(server.url)
-    rules = processor_rules(redis7=request.param != "6.2")
-    await admin.execute_command(*setuser("memstream-processor", "p-secret", rules))
-    await admin.execute_command(*setuser("agent-producer", "a-secret", producer_rules()))
-    await admin.aclose()
-    host = server.url.removeprefix("redis://")
-    yield (
-        f"redis://memstream-processor:p-secret@{host}",
-        f"redis://agent-producer:a-secret@{host}",
-    )
+) -> AsyncIterator[Users]:
+    """A server (or a 3-master Cluster) of its own (the ACL users are the test's), with
+    the two users on every node."""
+    if request.param != "cluster":
+        server = own_server(server_factory, tmp_path, str(request.param), appendonly=False)
+        await add_users(server.url, redis7=request.param != "6.2")
+        yield as_users(server.url, redis7=request.param != "6.2")
+        return
+    cluster = Cluster(FLAVOURS[DEFAULT_FLAVOUR], tmp_path / "cluster")
+    cluster.start()
+    try:
+        for node in cluster.nodes:
+            await add_users(node.url, redis7=DEFAULT_FLAVOUR != "6.2")
+        yield as_users(cluster.url, redis7=DEFAULT_FLAVOUR != "6.2")
+    finally:
+        cluster.stop()
 
 
-async def test_the_pipeline_runs_under_the_acl_users(acl_server: tuple[str, str]) -> None:
-    processor_url, producer_url = acl_server
+async def test_the_pipeline_runs_under_the_acl_users(acl_server: Users) -> None:
+    processor_url, producer_url = acl_server.processor_url, acl_server.producer_url
     keys = Keys()
     registry = ResourceRegistry.load([ROOT / "memories"])
     worker_client = connect(processor_url)
@@ -136,9 +174,12 @@ async def test_the_pipeline_runs_under_the_acl_users(acl_server: tuple[str, str]
         assert late.outcome is not None and late.outcome.reason == "workflow_ended"
 
         await check_refusals(producer_client, worker_client, keys, ref)
-        if "6.2" not in (await worker_client.info("server"))["redis_version"][:3]:
+        if acl_server.redis7:
+            where = {}
+            if isinstance(worker_client, RedisCluster):  # a keyless command: name a node
+                where = {"target_nodes": worker_client.get_random_node()}
             with pytest.raises(NoPermissionError):
-                await worker_client.execute_command("FUNCTION", "FLUSH")
+                await worker_client.execute_command("FUNCTION", "FLUSH", **where)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
     finally:
