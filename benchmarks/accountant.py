@@ -40,8 +40,7 @@ from harness import (
     redis_info,
     source_version,
 )
-from pydantic import ValidationError
-from report import emit, spread
+from report import BrokenRunError, finish, log, spread
 
 from events import AppendPayload, MemoryName, MessageAppended, Publisher
 from memory import (
@@ -77,14 +76,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TENANT = "bench"
 RESOURCE = "customer-support"
 PUBLISH_CHUNK = 500  # events per publish_many while loading (not timed)
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-class BrokenRunError(Exception):
-    """The accountant did not store exactly the recounted tokens: no figures."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -978,16 +969,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse(argv)
-    try:
-        report = asyncio.run(run(opts))
-    except ValidationError as e:
-        log(f"invalid settings: {e}")
-        return 2
-    except BrokenRunError as e:
-        log(f"broken run, no figures: {e}")
-        return 2
-    emit(report, render, save=opts.save, as_json=opts.json)
-    return 0
+    return finish(lambda: run(opts), render, save=opts.save, as_json=opts.json)
 
 
 if __name__ == "__main__":

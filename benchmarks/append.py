@@ -37,7 +37,7 @@ from harness import (
     source_version,
 )
 from pydantic import ValidationError
-from report import Result, emit, one_line, render, summarize
+from report import BrokenRunError, Result, emit, log, one_line, render, summarize
 from workload import (
     Item,
     chunks,
@@ -60,14 +60,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TENANT = "bench"
 WARMUP_TENANT = "bench-warmup"
 RESOURCE = "customer-support"
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-class BrokenRunError(Exception):
-    """The run did not store exactly what was published: no figures are reported."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,9 +40,8 @@ from harness import (
     redis_info,
     source_version,
 )
-from pydantic import ValidationError
 from redis.asyncio import Redis
-from report import emit, spread
+from report import BrokenRunError, finish, log, spread
 from workload import Item, memory_key, message_for
 
 from events import AppendPayload, MemoryName, MessageAppended, Publisher
@@ -76,14 +75,6 @@ T = TypeVar("T")
 
 #: One key and the name it gets.
 Pair = tuple[str, str]
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-class BrokenRunError(Exception):
-    """The data was not what it should be, before or after a move: no figures."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -693,16 +684,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse(argv)
-    try:
-        report = asyncio.run(run(opts))
-    except ValidationError as e:
-        log(f"invalid settings: {e}")
-        return 2
-    except BrokenRunError as e:
-        log(f"broken run, no figures: {e}")
-        return 2
-    emit(report, render, save=opts.save, as_json=opts.json)
-    return 0
+    return finish(lambda: run(opts), render, save=opts.save, as_json=opts.json)
 
 
 if __name__ == "__main__":

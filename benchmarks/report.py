@@ -1,14 +1,28 @@
-"""The append benchmark's report: per-run results, their summary over repeats (median
-and range, paired ratios memstream / baseline), and the text rendering."""
+"""What the benchmarks share for their reports: per-run results of the append benchmark,
+their summary over repeats (median and range, paired ratios memstream / baseline), the
+text rendering, and how a benchmark logs, fails and prints its report."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class BrokenRunError(Exception):
+    """The data was not what it should be (what was stored, or what a step left): no
+    figures are reported."""
 
 
 @dataclass
@@ -214,3 +228,23 @@ def emit(
     if save:
         save.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2) if as_json else render(report))
+
+
+def finish(
+    run: Callable[[], Coroutine[Any, Any, dict[str, Any]]],
+    render: Callable[[dict[str, Any]], str],
+    *,
+    save: Path | None,
+    as_json: bool,
+) -> int:
+    """Run a benchmark and emit its report: the exit code (2: no figures)."""
+    try:
+        report = asyncio.run(run())
+    except ValidationError as e:
+        log(f"invalid settings: {e}")
+        return 2
+    except BrokenRunError as e:
+        log(f"broken run, no figures: {e}")
+        return 2
+    emit(report, render, save=save, as_json=as_json)
+    return 0
