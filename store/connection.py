@@ -17,7 +17,7 @@ from typing import Any, TypeAlias, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
@@ -65,13 +65,61 @@ class GuardedRedis(Redis):
         return pipe
 
 
+class GuardedClusterPipeline(ClusterPipeline):
+    """A Cluster pipeline whose commands all go to one node runs through that node's
+    breaker (memstream's pipelines name the keys of one partition, one hash tag). One
+    that spans nodes is not guarded: each of its commands is bounded by the socket
+    timeout."""
+
+    def __init__(self, client: GuardedRedisCluster, transaction: bool | None = None) -> None:
+        super().__init__(client, transaction)
+        self._guarded = client
+        self._queued: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        self._queued.append(args)
+        return super().execute_command(*args, **kwargs)
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        queued, self._queued = self._queued, []
+
+        def run() -> Any:
+            return super(GuardedClusterPipeline, self).execute(raise_on_error, allow_redirections)
+
+        breaker = await self._guarded.breaker_of_all(queued) if queued else None
+        if breaker is None:
+            return await run()  # type: ignore[no-any-return]
+        return await breaker.call(run)
+
+
 class GuardedRedisCluster(RedisCluster):
     """A Redis Cluster client whose every command goes through the breaker of the node
     that serves it (``breaker.for_node``), so one master that cannot be reached does not
-    make the others fail fast. Pipelines (which span nodes) are not guarded: each of
-    their commands is bounded by the socket timeout."""
+    make the others fail fast; so does a pipeline whose commands all go to one node."""
 
     breaker: NodeBreakers | None = None
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return GuardedClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+    async def breaker_of_all(self, commands: list[tuple[Any, ...]]) -> CircuitBreaker | None:
+        """The breaker of the one node every command goes to, or None (no breaker, the
+        slots not known yet, commands for several nodes or for none)."""
+        if self.breaker is None or not self.nodes_manager.slots_cache:
+            return None
+        names = set()
+        try:
+            for args in commands:
+                names.add(self.nodes_manager.get_node_from_slot(await self._slot_of(args)).name)
+        except Exception:  # a keyless command, a slot not covered, ...
+            return None
+        return self.breaker.for_node(names.pop()) if len(names) == 1 else None
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self.breaker is None:

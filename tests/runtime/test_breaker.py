@@ -290,6 +290,32 @@ def keyed(text: str, partition: int, partitions: int) -> MessageAppended:
     raise AssertionError(f"no key of partition {partition}")
 
 
+async def check_pipelines(
+    client: RedisClient, other: RedisClient, paused: str, healthy: str
+) -> None:
+    """Pipelines to one node go through its breaker: their failures open it, and then
+    they fail fast; pipelines to the other masters work on. ``paused`` and ``healthy``
+    are keys of the paused master and of another one; ``other`` is a client whose
+    breaker is still closed."""
+    for _ in range(2):  # the failures of pipelines count
+        pipe = other.pipeline(transaction=False)
+        pipe.get(paused)
+        with pytest.raises((RedisConnectionError, RedisTimeoutError)):
+            await pipe.execute()
+    for c in (other, client):
+        pipe = c.pipeline(transaction=False)
+        pipe.set(paused, "p")
+        pipe.get(paused)
+        started = time.monotonic()
+        with pytest.raises(CircuitOpenError):
+            await pipe.execute()
+        assert time.monotonic() - started < 0.1  # failing fast
+        pipe = c.pipeline(transaction=False)
+        pipe.set(healthy, "h")
+        pipe.get(healthy)
+        assert await pipe.execute() == [True, "h"]
+
+
 async def publish_over_the_masters(
     publisher: Publisher, client: RedisClient, keys: Keys, owner: dict[int, int], paused: int
 ) -> set[int]:
@@ -324,10 +350,12 @@ async def test_on_a_cluster_one_unreachable_master_fails_fast_alone(
     cluster = Cluster(FLAVOURS[DEFAULT_FLAVOUR], tmp_path / "cluster")
     cluster.start()
     client = connect(cluster.url, socket_timeout=0.5, breaker_threshold=2, breaker_reset=30)
+    other = connect(cluster.url, socket_timeout=0.5, breaker_threshold=2, breaker_reset=30)
     parts = 6
     publisher = Publisher(client, keys=keys, default_partitions=parts)
     try:
         await client.initialize()  # type: ignore[union-attr]
+        await other.initialize()  # type: ignore[union-attr]
         owner = {p: client.get_node_from_key(keys.ingest(p)).port for p in range(parts)}  # type: ignore[union-attr]
         # Before the pause: scripts loaded, streams made and the count read (for 5 s).
         await publisher.publish_many([keyed("warm", p, parts) for p in range(parts)])
@@ -356,6 +384,7 @@ async def test_on_a_cluster_one_unreachable_master_fails_fast_alone(
             assert breaker is not None and breaker.state is CircuitState.OPEN
             assert breaker.opens == 1
 
+            await check_pipelines(client, other, served[paused_port], served[healthy[0]])
             down = await publish_over_the_masters(publisher, client, keys, owner, paused_port)
         finally:
             os.kill(paused.pid, signal.SIGCONT)
@@ -369,4 +398,5 @@ async def test_on_a_cluster_one_unreachable_master_fails_fast_alone(
             await fresh.aclose()
     finally:
         await client.aclose()
+        await other.aclose()
         cluster.stop()
