@@ -13,6 +13,7 @@ go through it, so while Redis is unreachable they fail at once with CircuitOpenE
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any, TypeAlias, cast
 
 from redis.asyncio import Redis
@@ -68,30 +69,41 @@ class GuardedRedis(Redis):
 class GuardedClusterPipeline(ClusterPipeline):
     """A Cluster pipeline whose commands all go to one node runs through that node's
     breaker (memstream's pipelines name the keys of one partition, one hash tag). One
-    that spans nodes is not guarded: each of its commands is bounded by the socket
-    timeout."""
+    that spans nodes, names its nodes, or returns errors as results
+    (``raise_on_error=False``, so a failure could pass for a reply) is not guarded: each
+    of its commands is bounded by the socket timeout."""
 
     def __init__(self, client: GuardedRedisCluster, transaction: bool | None = None) -> None:
         super().__init__(client, transaction)
         self._guarded = client
-        self._queued: list[tuple[Any, ...]] = []
 
-    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        self._queued.append(args)
-        return super().execute_command(*args, **kwargs)
+    def _queued(self) -> list[tuple[Any, ...]] | None:
+        """The commands queued (as the strategy holds them: every way of queueing one
+        ends there), or None when one names its nodes or the queue cannot be seen."""
+        queue = getattr(self._execution_strategy, "_command_queue", None)
+        if not isinstance(queue, list):
+            return None
+        commands = []
+        for command in queue:
+            if getattr(command, "kwargs", {}).get("target_nodes") is not None:
+                return None
+            commands.append(tuple(getattr(command, "args", ())))
+        return commands
 
     async def execute(
         self, raise_on_error: bool = True, allow_redirections: bool = True
     ) -> list[Any]:
-        queued, self._queued = self._queued, []
-
-        def run() -> Any:
+        def run() -> Coroutine[Any, Any, list[Any]]:
             return super(GuardedClusterPipeline, self).execute(raise_on_error, allow_redirections)
 
+        queued = self._queued() if raise_on_error else None
         breaker = await self._guarded.breaker_of_all(queued) if queued else None
         if breaker is None:
-            return await run()  # type: ignore[no-any-return]
-        return await breaker.call(run)
+            return await run()
+        try:
+            return await breaker.call(run)
+        finally:
+            await self.reset()  # type: ignore[no-untyped-call]  # failing fast, it did not run
 
 
 class GuardedRedisCluster(RedisCluster):
@@ -116,6 +128,8 @@ class GuardedRedisCluster(RedisCluster):
         names = set()
         try:
             for args in commands:
+                if _keyless_script(args):  # it goes to a random node
+                    return None
                 names.add(self.nodes_manager.get_node_from_slot(await self._slot_of(args)).name)
         except Exception:  # a keyless command, a slot not covered, ...
             return None
@@ -152,6 +166,13 @@ class GuardedRedisCluster(RedisCluster):
             words = [str(a).upper() for a in args]
             return self.keyslot(args[words.index("STREAMS") + 1])
         return await self._determine_slot(*args)
+
+
+def _keyless_script(args: tuple[Any, ...]) -> bool:
+    """A script or function call that names no key."""
+    command = str(args[0]).upper() if args else ""
+    scripts = ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO")
+    return command in scripts and (len(args) < 3 or str(args[2]) == "0")
 
 
 def breaker_of(client: RedisClient) -> Breaker | None:

@@ -38,6 +38,7 @@ from store import (
     breaker_of,
     connect,
 )
+from store.breaker import NodeBreakers
 from store.embedded import free_port
 from tests.conftest import DEFAULT_FLAVOUR, FLAVOURS, own_server
 from tests.runtime.conftest import FAST, PARTITIONS, Rig
@@ -300,8 +301,20 @@ async def check_pipelines(
     for _ in range(2):  # the failures of pipelines count
         pipe = other.pipeline(transaction=False)
         pipe.get(paused)
-        with pytest.raises((RedisConnectionError, RedisTimeoutError)):
+        started = time.monotonic()
+        with pytest.raises((RedisConnectionError, RedisTimeoutError)) as failed:
             await pipe.execute()
+        assert not isinstance(failed.value, CircuitOpenError)
+        assert time.monotonic() - started > 0.4  # it waited for the socket timeout
+    breakers = breaker_of(other)
+    assert isinstance(breakers, NodeBreakers)
+    by_node = breakers.nodes
+    node_of = other.get_node_from_key  # type: ignore[union-attr]
+    assert by_node[node_of(paused).name].state is CircuitState.OPEN
+    assert by_node[node_of(paused).name].opens == 1
+    assert by_node.get(node_of(healthy).name) is None or (
+        by_node[node_of(healthy).name].state is CircuitState.CLOSED
+    )
     for c in (other, client):
         pipe = c.pipeline(transaction=False)
         pipe.set(paused, "p")
@@ -310,7 +323,7 @@ async def check_pipelines(
         with pytest.raises(CircuitOpenError):
             await pipe.execute()
         assert time.monotonic() - started < 0.1  # failing fast
-        pipe = c.pipeline(transaction=False)
+        # The same pipeline, emptied by the failure, to another master.
         pipe.set(healthy, "h")
         pipe.get(healthy)
         assert await pipe.execute() == [True, "h"]
