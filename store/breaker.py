@@ -15,7 +15,7 @@ import asyncio
 import contextvars
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, TypeVar
@@ -216,6 +216,17 @@ class NodeBreakers:
         self.reset_seconds = reset_seconds
         self._by_node: dict[str, CircuitBreaker] = {}
         self._listeners: list[Callable[[CircuitState], None]] = []
+        #: The nodes the cluster has now (``host:port``); None: every node ever called.
+        self.live: Callable[[], Collection[str]] | None = None
+
+    def _current(self) -> list[CircuitBreaker]:
+        """The breakers of the nodes the cluster has now (and of calls that name no
+        node): a node that left the cluster, say a failed master replaced by its
+        replica, no longer counts in the state."""
+        live = set(self.live()) if self.live is not None else set()
+        if not live:
+            return list(self._by_node.values())
+        return [b for n, b in self._by_node.items() if n in live or n == self.ANY]
 
     def for_node(self, node: str) -> CircuitBreaker:
         """The breaker of one node (``host:port``), made at its first call."""
@@ -239,7 +250,7 @@ class NodeBreakers:
 
     @property
     def state(self) -> CircuitState:
-        return max((b.state for b in self._by_node.values()), default=CircuitState.CLOSED)
+        return max((b.state for b in self._current()), default=CircuitState.CLOSED)
 
     @property
     def opens(self) -> int:
@@ -256,7 +267,7 @@ class NodeBreakers:
         return "; ".join(errors)
 
     def retry_in(self) -> float:
-        return max((b.retry_in() for b in self._by_node.values()), default=0.0)
+        return max((b.retry_in() for b in self._current()), default=0.0)
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """A call that names no node."""

@@ -13,7 +13,7 @@ go through it, so while Redis is unreachable they fail at once with CircuitOpenE
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from typing import Any, TypeAlias, cast
 
 from redis.asyncio import Redis
@@ -229,6 +229,11 @@ def connect(
                 raise ConnectionSetupError("a Redis Cluster cannot be reached over a unix socket")
             many = cast(GuardedRedisCluster, GuardedRedisCluster.from_url(plain_url, **options))
             many.breaker = NodeBreakers(describe(url), breaker_threshold, breaker_reset)
+
+            def nodes_now() -> Collection[str]:  # the cache is replaced on a refresh
+                return many.nodes_manager.nodes_cache.keys()
+
+            many.breaker.live = nodes_now
             return many
         single = cast(GuardedRedis, GuardedRedis.from_url(plain_url, **options))
     except ValueError as e:

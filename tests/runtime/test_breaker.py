@@ -134,6 +134,22 @@ async def test_one_trial_goes_through_when_half_open_and_its_success_closes(
         await client.aclose()
 
 
+async def test_a_node_that_left_the_cluster_no_longer_counts_in_the_state() -> None:
+    """A failed master replaced by its replica keeps its open breaker, but the client's
+    state is that of the nodes the cluster has now; its openings stay counted."""
+    breakers = NodeBreakers("redis+cluster://test", threshold=2, reset_seconds=30)
+    nodes = {"10.0.0.1:7000", "10.0.0.2:7001"}
+    breakers.live = lambda: nodes
+    await open_breaker(breakers.for_node("10.0.0.1:7000"))
+    assert breakers.for_node("10.0.0.2:7001").state is CircuitState.CLOSED
+    assert breakers.state is CircuitState.OPEN and breakers.retry_in() > 0
+    nodes = {"10.0.0.2:7001", "10.0.0.3:7002"}  # the first one left
+    assert breakers.state is CircuitState.CLOSED and breakers.retry_in() == 0
+    assert breakers.opens == 1
+    await open_breaker(breakers.for_node(NodeBreakers.ANY))  # calls that name no node
+    assert breakers.state is CircuitState.OPEN
+
+
 async def test_a_call_inside_a_call_is_part_of_it_even_as_the_trial() -> None:
     """A cluster pipeline re-sends a MOVED command through the client: the nested call
     must not be refused as a second trial, nor counted twice."""
