@@ -35,7 +35,6 @@ from store import (
     connect,
     ensure_partitions,
 )
-from store.embedded import RedisServerProcess as Server
 from tests.conftest import own_server
 from tests.runtime.conftest import FAST, ROOT, appended, memory_in
 from tests.servers import Cluster
@@ -53,7 +52,7 @@ def ref_in(partition: int, tag: str) -> MemoryRef:
 
 
 @contextmanager
-def stopped(server: Server) -> Iterator[None]:
+def stopped(server: RedisServerProcess) -> Iterator[None]:
     """The server paused (SIGSTOP): it keeps its connections but answers nothing."""
     server.kill(signal.SIGSTOP)
     try:
@@ -62,7 +61,7 @@ def stopped(server: Server) -> Iterator[None]:
         server.kill(signal.SIGCONT)
 
 
-def wait_linked(replica: Server, timeout: float = 20.0) -> None:
+def wait_linked(replica: RedisServerProcess, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with redis.Redis(port=replica.port, decode_responses=True) as r:
@@ -75,7 +74,7 @@ def wait_linked(replica: Server, timeout: float = 20.0) -> None:
 @pytest.fixture
 async def primary_with_replica(
     server_factory: list[RedisServerProcess], tmp_path: Path
-) -> AsyncIterator[tuple[Server, Server, RedisClient]]:
+) -> AsyncIterator[tuple[RedisServerProcess, RedisServerProcess, RedisClient]]:
     primary = own_server(server_factory, tmp_path, appendonly=False)
     replica = own_server(
         server_factory,
@@ -100,7 +99,7 @@ def publisher(client: RedisClient, keys: Keys, durable: int = 0) -> Publisher:
 
 
 async def test_a_durable_publish_waits_for_the_replica_and_raises_without_it(
-    primary_with_replica: tuple[Server, Server, RedisClient], keys: Keys
+    primary_with_replica: tuple[RedisServerProcess, RedisServerProcess, RedisClient], keys: Keys
 ) -> None:
     _, replica, client = primary_with_replica
     durable, plain = publisher(client, keys, durable=1), publisher(client, keys)
@@ -131,7 +130,7 @@ async def test_a_durable_publish_waits_for_the_replica_and_raises_without_it(
 
 
 async def test_a_durable_batch_counts_every_partition_and_more_replicas_than_exist_fail(
-    primary_with_replica: tuple[Server, Server, RedisClient], keys: Keys
+    primary_with_replica: tuple[RedisServerProcess, RedisServerProcess, RedisClient], keys: Keys
 ) -> None:
     _, _, client = primary_with_replica
     refs = [ref_in(p, f"b{p}-") for p in range(3)]
@@ -213,7 +212,7 @@ async def waits(client: RedisClient) -> int:
 
 
 async def test_the_appender_waits_for_the_replica_after_each_batch(
-    primary_with_replica: tuple[Server, Server, RedisClient], keys: Keys
+    primary_with_replica: tuple[RedisServerProcess, RedisServerProcess, RedisClient], keys: Keys
 ) -> None:
     """Each batch is followed by a WAIT on the connection that applied it; without the
     replica the batch is still applied (after the timeout) and counted unconfirmed."""
@@ -250,7 +249,7 @@ async def test_the_appender_waits_for_the_replica_after_each_batch(
 
 
 async def test_a_partly_published_durable_batch_names_what_the_replicas_did_not_confirm(
-    primary_with_replica: tuple[Server, Server, RedisClient], keys: Keys
+    primary_with_replica: tuple[RedisServerProcess, RedisServerProcess, RedisClient], keys: Keys
 ) -> None:
     _, replica, client = primary_with_replica
     durable = Publisher(
