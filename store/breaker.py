@@ -85,12 +85,16 @@ _ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
 )
 
 
+def _check(threshold: int, reset_seconds: float) -> None:
+    if threshold < 1 or reset_seconds <= 0:
+        raise ValueError("a circuit breaker needs a threshold >= 1 and a reset time > 0")
+
+
 class CircuitBreaker:
     """The breaker of one client. One event loop uses it (as it does the client)."""
 
     def __init__(self, name: str, threshold: int = 5, reset_seconds: float = 5.0) -> None:
-        if threshold < 1 or reset_seconds <= 0:
-            raise ValueError("a circuit breaker needs a threshold >= 1 and a reset time > 0")
+        _check(threshold, reset_seconds)
         self.name = name
         self.threshold = threshold
         self.reset_seconds = reset_seconds
@@ -209,8 +213,7 @@ class NodeBreakers:
     ANY = "*"
 
     def __init__(self, name: str, threshold: int = 5, reset_seconds: float = 5.0) -> None:
-        if threshold < 1 or reset_seconds <= 0:
-            raise ValueError("a circuit breaker needs a threshold >= 1 and a reset time > 0")
+        _check(threshold, reset_seconds)
         self.name = name
         self.threshold = threshold
         self.reset_seconds = reset_seconds
