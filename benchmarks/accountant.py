@@ -40,7 +40,7 @@ from harness import (
     redis_info,
     source_version,
 )
-from report import BrokenRunError, finish, log, spread
+from report import BrokenRunError, add_report_arguments, finish, log, spread
 
 from events import AppendPayload, MemoryName, MessageAppended, Publisher
 from memory import (
@@ -941,11 +941,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--repeat", type=int, default=1, help="runs, figures are medians (default 1)")
     p.add_argument("--seed", type=int, default=7, help="workload seed (default 7)")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for a worker")
-    p.add_argument(
-        "--resources", type=Path, default=ROOT / "memories", help="memory resources folder"
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--save", type=Path, help="also write the JSON report to this file")
+    add_report_arguments(p, ROOT / "memories")
     a = p.parse_args(argv)
     for name in ("messages", "memories", "partitions", "batch", "repeat"):
         if getattr(a, name) < 1:

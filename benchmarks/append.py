@@ -37,7 +37,16 @@ from harness import (
     source_version,
 )
 from pydantic import ValidationError
-from report import BrokenRunError, Result, emit, log, one_line, render, summarize
+from report import (
+    BrokenRunError,
+    Result,
+    add_report_arguments,
+    emit,
+    log,
+    one_line,
+    render,
+    summarize,
+)
 from workload import (
     Item,
     chunks,
@@ -564,11 +573,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     )
     p.add_argument("--aof", action="store_true", help="temporary server with appendonly yes")
     p.add_argument("--timeout", type=float, default=300.0, help="longest wait for the appender")
-    p.add_argument(
-        "--resources", type=Path, default=ROOT / "memories", help="memory resources folder"
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--save", type=Path, help="also write the JSON report to this file")
+    add_report_arguments(p, ROOT / "memories")
     p.add_argument(
         "--worker-command",
         default="",

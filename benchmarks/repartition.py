@@ -41,7 +41,7 @@ from harness import (
     source_version,
 )
 from redis.asyncio import Redis
-from report import BrokenRunError, finish, log, spread
+from report import BrokenRunError, add_report_arguments, finish, log, spread
 from workload import Item, memory_key, message_for
 
 from events import AppendPayload, MemoryName, MessageAppended, Publisher
@@ -653,11 +653,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--repeat", type=int, default=1, help="runs, figures are medians (default 1)")
     p.add_argument("--aof", action="store_true", help="temporary server with appendonly yes")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for a worker")
-    p.add_argument(
-        "--resources", type=Path, default=ROOT / "memories", help="memory resources folder"
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--save", type=Path, help="also write the JSON report to this file")
+    add_report_arguments(p, ROOT / "memories")
     a = p.parse_args(argv)
     for name in ("memories", "messages", "partitions", "to", "repeat"):
         if getattr(a, name) < 1:

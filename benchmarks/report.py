@@ -4,6 +4,7 @@ text rendering, and how a benchmark logs, fails and prints its report."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import statistics
@@ -228,6 +229,13 @@ def emit(
     if save:
         save.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2) if as_json else render(report))
+
+
+def add_report_arguments(parser: argparse.ArgumentParser, resources: Path) -> None:
+    """The options every benchmark has: its memory resources and where the report goes."""
+    parser.add_argument("--resources", type=Path, default=resources, help="memory resources folder")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--save", type=Path, help="also write the JSON report to this file")
 
 
 def finish(
