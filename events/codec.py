@@ -29,11 +29,38 @@ from events.errors import DecodeError, NewerSchemaError
 
 EVENT_FIELD = "event"
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+#: How deep an event may nest arrays and objects (the envelope takes 4 levels, so a
+#: message's metadata has about 60). Every reader parses what is admitted: pydantic's
+#: JSON parser stops at 200, Python's at about 1,000, Lua's cjson at 1,000.
+MAX_JSON_DEPTH = 64
+#: Versions past the current one that may be a real upgrade on the way (the partition
+#: waits for it); an event claiming a later one is refused as invalid.
+MAX_VERSIONS_AHEAD = 3
 _STREAM_ID = re.compile(r"^\d+-\d+$")
 _KNOWN_TYPES = frozenset(t.value for t in EventType)
 #: A JSON escape of a UTF-16 surrogate; only text holding one can decode to a lone one
 #: (the text itself was checked to be UTF-8, so it holds no raw surrogates).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth_over(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Does JSON ``text`` nest arrays and objects more than ``limit`` deep? Linear in the
+    text, never recursive; text with at most ``limit`` brackets is answered at once."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def printable(text: str) -> str:
@@ -104,56 +131,30 @@ def decode(fields: dict[str, str] | None, *, max_bytes: int = DEFAULT_MAX_EVENT_
     """The event of a stream entry.
 
     Raises DecodeError (dead-letter it with ``reason``) or NewerSchemaError (hold the
-    partition until the consumers are upgraded).
+    partition until the consumers are upgraded), and nothing else, whatever the entry
+    holds.
     """
+    try:
+        return _decode(fields, max_bytes)
+    except (DecodeError, NewerSchemaError):
+        raise
+    except Exception as e:  # input no check foresaw: still the entry's fault, not ours
+        raise DecodeError("invalid", f"the event cannot be read ({type(e).__name__})") from e
+
+
+def _decode(fields: dict[str, str] | None, max_bytes: int) -> Decoded:
     if not fields or EVENT_FIELD not in fields:
         raise DecodeError("missing_field", f"the entry has no {EVENT_FIELD!r} field")
     text = fields[EVENT_FIELD]
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        raise DecodeError(
-            "not_utf8", f"the event is not UTF-8 text (byte offset about {e.start})"
-        ) from e
-    if size > max_bytes:
-        raise DecodeError(
-            "oversized", f"the event is {size} bytes, over the {max_bytes}-byte limit"
-        )
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise DecodeError("not_json", f"the event field is not JSON: {e}") from e
-    except RecursionError as e:
-        raise DecodeError("invalid", "the event is nested too deeply") from e
-    if not isinstance(data, dict):
-        raise DecodeError("invalid", "the event must be a JSON object")
-    try:
-        if _SURROGATE_ESCAPE.search(text):
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DecodeError(
-            "invalid", "the event contains a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
-        ) from e
+    data = _parse(text, max_bytes)
     event_id = str(data.get("event_id", ""))[:200]
     tenant = str(data.get("tenant", ""))[:64]
-    version = data.get("schema_version")
-    if version is None:
-        raise DecodeError("missing_field", "the event has no schema_version", event_id=event_id)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise DecodeError("invalid", "schema_version must be an integer", event_id=event_id)
-    if version > SCHEMA_VERSION:
-        raise NewerSchemaError(version, SCHEMA_VERSION)
-    if version < OLDEST_SUPPORTED_VERSION:
-        raise DecodeError(
-            "unsupported_version",
-            f"schema version {version} is no longer read; the oldest supported is "
-            f"{OLDEST_SUPPORTED_VERSION}, the current {SCHEMA_VERSION}",
-            event_id=event_id,
-            tenant=tenant,
-        )
+    version = _version(data, event_id, tenant)
     for v in range(version, SCHEMA_VERSION):
         data = _UPGRADES[v](data)
     kind = data.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise DecodeError("invalid", "type must be a string", event_id=event_id, tenant=tenant)
     if kind not in _KNOWN_TYPES:
         raise DecodeError(
             "unknown_type",
@@ -174,6 +175,68 @@ def decode(fields: dict[str, str] | None, *, max_bytes: int = DEFAULT_MAX_EVENT_
         ) from e
     replay_of, replay_key = _replay_fields(fields)
     return Decoded(event, text, replay_of, replay_key)
+
+
+def _parse(text: str, max_bytes: int) -> dict[str, Any]:
+    """The event's JSON object, within the size and nesting limits."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise DecodeError(
+            "not_utf8", f"the event is not UTF-8 text (byte offset about {e.start})"
+        ) from e
+    if size > max_bytes:
+        raise DecodeError(
+            "oversized", f"the event is {size} bytes, over the {max_bytes}-byte limit"
+        )
+    if json_depth_over(text):
+        raise DecodeError(
+            "invalid", f"the event nests arrays and objects more than {MAX_JSON_DEPTH} deep"
+        )
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DecodeError("not_json", f"the event field is not JSON: {e}") from e
+    except RecursionError as e:
+        raise DecodeError("invalid", "the event is nested too deeply") from e
+    if not isinstance(data, dict):
+        raise DecodeError("invalid", "the event must be a JSON object")
+    try:
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DecodeError(
+            "invalid", "the event contains a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+        ) from e
+    return data
+
+
+def _version(data: dict[str, Any], event_id: str, tenant: str) -> int:
+    """The event's schema version, if this code reads it (or waits for it)."""
+    version = data.get("schema_version")
+    if version is None:
+        raise DecodeError("missing_field", "the event has no schema_version", event_id=event_id)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DecodeError("invalid", "schema_version must be an integer", event_id=event_id)
+    if version > SCHEMA_VERSION + MAX_VERSIONS_AHEAD:
+        raise DecodeError(
+            "invalid",
+            f"schema version {version} is not a version this code could be upgraded to "
+            f"(the current is {SCHEMA_VERSION})",
+            event_id=event_id,
+            tenant=tenant,
+        )
+    if version > SCHEMA_VERSION:
+        raise NewerSchemaError(version, SCHEMA_VERSION)
+    if version < OLDEST_SUPPORTED_VERSION:
+        raise DecodeError(
+            "unsupported_version",
+            f"schema version {version} is no longer read; the oldest supported is "
+            f"{OLDEST_SUPPORTED_VERSION}, the current {SCHEMA_VERSION}",
+            event_id=event_id,
+            tenant=tenant,
+        )
+    return version
 
 
 def _replay_fields(fields: dict[str, str]) -> tuple[str | None, str | None]:

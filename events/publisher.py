@@ -15,7 +15,7 @@ from redis.exceptions import AskError, ClusterDownError, NoScriptError, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from events.codec import DEFAULT_MAX_EVENT_BYTES, event_json
+from events.codec import DEFAULT_MAX_EVENT_BYTES, MAX_JSON_DEPTH, event_json, json_depth_over
 from events.envelope import (
     AnyEvent,
     AppendPayload,
@@ -61,6 +61,7 @@ from memory import (
     ResourceRegistry,
     partition_for,
 )
+from memory.privacy import workflow_names
 from store import (
     TRANSIENT_ERRORS,
     CircuitOpenError,
@@ -275,6 +276,12 @@ class Publisher:
                     f"{self._max_event_bytes}-byte limit; split the content or raise "
                     f"max_event_bytes on producers and workers"
                 )
+            if json_depth_over(text):
+                raise PublishError(
+                    f"event {event.event_id} nests arrays and objects more than "
+                    f"{MAX_JSON_DEPTH} deep (the event contract's limit, which every reader "
+                    f"can parse); flatten the message's metadata"
+                )
             routed.append((partition_for(stamped.ref.memory_id, n), stamped, text))
         total = sum(len(text.encode("utf-8")) for _, _, text in routed)
         if total > limits.max_request_bytes:
@@ -306,6 +313,13 @@ class Publisher:
             raise ReadOnlyError(
                 f"agent {agent_id!r} may only read {ref.resource} memories; nothing was published"
             )
+        workflow_id = event.payload.workflow_id
+        if workflow_id and self._registry.workflow_name(workflow_id) != workflow_id:
+            # Named as the appender names it: its id never reaches Redis.
+            payload = event.payload.model_copy(
+                update={"workflow_id": self._registry.workflow_name(workflow_id)}
+            )
+            event = event.model_copy(update={"payload": payload})
         resource = self._registry.find(ref.resource)
         if resource is None or not resource.privacy_policy.active:
             return event
@@ -750,11 +764,16 @@ class Publisher:
         n = await self.partitions()
         deadline = time.monotonic() + timeout
         delay = 0.001
+        # Kept under its id or, when a redaction pattern matches it, its pseudonym.
+        names = workflow_names(workflow_id)
         while True:
             pipe = self._client.pipeline(transaction=False)
             for p in range(n):
-                pipe.zscore(self._keys.ended(p, tenant), workflow_id)
-            missing = [p for p, score in enumerate(await pipe.execute()) if score is None]
+                for name in names:
+                    pipe.zscore(self._keys.ended(p, tenant), name)
+            scores = await pipe.execute()
+            k = len(names)
+            missing = [p for p in range(n) if all(x is None for x in scores[p * k : (p + 1) * k])]
             if not missing:
                 return
             if time.monotonic() >= deadline:

@@ -140,28 +140,57 @@ class PrivacyPolicy(BaseModel):
     def redact_event(self, text: str) -> str:
         """An event's JSON text as a dead letter may keep it: non-persistable messages
         removed and everything else redacted on the decoded structure (so no escape or
-        anchoring defeats a pattern). Text that is not JSON is redacted as text."""
+        anchoring defeats a pattern), except the envelope's own numbers and ids, which
+        carry no user data and keep the letter traceable and replayable. Text that is
+        not JSON (or cannot be read as such) is redacted as text. Never raises."""
         try:
             data = json.loads(text)
-        except (ValueError, RecursionError):
+            return json.dumps(self._redact_event_data(data), ensure_ascii=False)
+        except Exception:  # not JSON, too deep, anything: redacted as text
             return self.redact_text(text)
-        payload = data.get("payload") if isinstance(data, dict) else None
-        if isinstance(payload, dict):
-            message = payload.get("message")
-            if isinstance(message, dict) and not self._persists_raw(message):
-                payload["message"] = {"removed": "non_persistable"}
-            messages = payload.get("messages")
-            if isinstance(messages, list):
-                payload["messages"] = [
-                    m for m in messages if not isinstance(m, dict) or self._persists_raw(m)
-                ]
-        return json.dumps(self.redact_json(data), ensure_ascii=False)
+
+    def _redact_event_data(self, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return self.redact_json(data)
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if (key in _ENVELOPE_FIELDS and _plain(value)) or (
+                key == "event_id" and isinstance(value, str) and _MADE_ID.fullmatch(value)
+            ):
+                out[key] = value
+            elif key == "payload" and isinstance(value, dict):
+                out[key] = self._redact_payload(value)
+            else:
+                out[self._redact_key(str(key))] = self.redact_json(value)
+        return out
+
+    def _redact_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
+        payload = dict(payload)
+        message = payload.get("message")
+        if isinstance(message, dict) and not self._persists_raw(message):
+            payload["message"] = {"removed": "non_persistable"}
+        messages = payload.get("messages")
+        if isinstance(messages, list):
+            payload["messages"] = [
+                m for m in messages if not isinstance(m, dict) or self._persists_raw(m)
+            ]
+        out: dict[str, Any] = {}
+        for key, value in payload.items():
+            if key in _PAYLOAD_FIELDS and _plain(value):
+                out[key] = value
+            else:
+                out[self._redact_key(str(key))] = self.redact_json(value)
+        return out
 
     def _persists_raw(self, message: dict[str, Any]) -> bool:
+        """``persists`` for a message that may not be valid (any JSON in any field)."""
         kinds = set(self.non_persistable_message_types)
+        role = message.get("role")
         metadata = message.get("metadata")
         kind = metadata.get("type") if isinstance(metadata, dict) else None
-        return message.get("role") not in kinds and not (isinstance(kind, str) and kind in kinds)
+        return not (isinstance(role, str) and role in kinds) and not (
+            isinstance(kind, str) and kind in kinds
+        )
 
     def _redact_key(self, key: str) -> str:
         if not self.matches(key):
@@ -169,6 +198,38 @@ class PrivacyPolicy(BaseModel):
         # Distinct keys stay distinct: the redaction string and a short stable hash.
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         return f"{self.redact_text(key)}#{digest}"
+
+
+#: Envelope fields that are the event's own bookkeeping (numbers, ids the producer made
+#: for the event, names validated to hold no user data), and payload fields that are
+#: numbers or fixed words: a dead letter keeps them as they are.
+_ENVELOPE_FIELDS = frozenset({"schema_version", "type", "tenant", "partitions", "published_at_ms"})
+#: An event id as the SDK makes them (a UUID, with or without dashes); any other id is
+#: the producer's text, redacted like the rest.
+_MADE_ID = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_PAYLOAD_FIELDS = frozenset({"partition", "seq", "status", "strategy", "dry_run", "backup"})
+
+
+def _plain(value: Any) -> bool:
+    """A number, a word or a flag (not a container)."""
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+#: A workflow's pseudonym: see ``pseudonym``.
+PSEUDONYM = re.compile(r"wf~[0-9a-f]{32}")
+
+
+def pseudonym(workflow_id: str) -> str:
+    """The name a workflow whose id matches a redaction pattern is kept under in Redis:
+    ``wf~`` and 32 hex digits of the id's SHA-256 (the same for the same id)."""
+    digest = hashlib.sha256(workflow_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"wf~{digest[:32]}"
+
+
+def workflow_names(workflow_id: str) -> list[str]:
+    """Every name a workflow may be kept under (its id, its pseudonym): what a reader
+    that does not load the resources looks for."""
+    return list(dict.fromkeys([workflow_id, pseudonym(workflow_id)]))
 
 
 _SECRET_NAME = (

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from memory.agents import AgentResource, MemoryMode
 from memory.errors import ResourceError, UnknownResourceError
+from memory.privacy import PSEUDONYM, PrivacyPolicy, pseudonym
 from memory.resource import MemoryResource
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ class ResourceRegistry(Mapping[str, MemoryResource]):
         self._by_id: dict[str, MemoryResource] = {}
         self._agents: dict[str, AgentResource] = {}
         self._origin: dict[str, str] = {}
+        self._policy: PrivacyPolicy | None = None
+        self._workflow_names: dict[str, str] = {}
         self.paths: list[Path] = []
         for resource in resources:
             self.add(resource, origin="(code)")
@@ -161,6 +164,8 @@ class ResourceRegistry(Mapping[str, MemoryResource]):
             )
         table[item.id] = item
         self._origin[f"{kind}:{item.id}"] = origin
+        self._policy = None
+        self._workflow_names.clear()
         if isinstance(item, MemoryResource):
             for warning in item.warnings:
                 log.warning("%s: %s", origin, warning)
@@ -217,6 +222,32 @@ class ResourceRegistry(Mapping[str, MemoryResource]):
 
     def find(self, resource_id: str) -> MemoryResource | None:
         return self._by_id.get(resource_id)
+
+    @property
+    def privacy_policy(self) -> PrivacyPolicy:
+        """Every loaded resource's redaction patterns in one policy, for text whose
+        resource is not known: a dead letter of an unreadable event or of an unknown
+        resource, a workflow id (workflows span resources)."""
+        if self._policy is None:
+            patterns = [p for r in self._by_id.values() for p in r.privacy_policy.redact_patterns]
+            self._policy = PrivacyPolicy(redact_patterns=list(dict.fromkeys(patterns)))
+        return self._policy
+
+    def workflow_name(self, workflow_id: str) -> str:
+        """The name a workflow is kept under in Redis (index keys, a memory's writers,
+        the ended set, outcomes, letters, logs): its id, or, when a redaction pattern of
+        any loaded resource matches the id (an e-mail address, say), a pseudonym, the
+        same for the same id: ``wf~`` and 32 hex digits of its SHA-256. A pseudonym is
+        its own name."""
+        name = self._workflow_names.get(workflow_id)
+        if name is None:
+            name = workflow_id
+            if not PSEUDONYM.fullmatch(workflow_id) and self.privacy_policy.matches(workflow_id):
+                name = pseudonym(workflow_id)
+            if len(self._workflow_names) >= 10_000:
+                self._workflow_names.clear()
+            self._workflow_names[workflow_id] = name
+        return name
 
     def agent(self, agent_id: str) -> AgentResource | None:
         return self._agents.get(agent_id)

@@ -230,12 +230,13 @@ class App:
         )
         return await self._worker(processor, worker_id)
 
-    async def cleanup(self, worker_id: str | None = None) -> Worker:
+    async def cleanup(self, registry: ResourceRegistry, worker_id: str | None = None) -> Worker:
         """The lifecycle stream's worker: one partition, so one leaseholder at a time."""
         s = self.settings
         processor = Cleanup(
             self.publisher(resources=False, bounded=False, durable=False),
             PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP),
+            registry,
             outcome_ttl_ms=int(s.outcome_ttl * 1000),
             max_event_bytes=s.max_event_bytes,
             metrics=self.metrics,

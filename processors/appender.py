@@ -24,7 +24,8 @@ from events import (
 from events.codec import DEFAULT_MAX_EVENT_BYTES, Decoded, printable
 from events.envelope import MEMORY_EVENT_TYPES
 from events.limits import RequestLimits
-from memory import MemoryResource, Message, PrivacyPolicy, ResourceRegistry, partition_for
+from memory import Message, PrivacyPolicy, ResourceRegistry, partition_for
+from processors.letters import letter_of, policy_for
 from processors.metrics import Metrics
 from processors.port import Batch, EntryFailedError, Handled, HoldBack
 from store import (
@@ -180,7 +181,9 @@ class Appender:
             except Exception:
                 continue  # decoded again, and refused or held, in its turn
             if isinstance(event, WorkflowEnded):
-                workflows.append((event.tenant, event.payload.workflow_id))
+                workflows.append(
+                    (event.tenant, self.registry.workflow_name(event.payload.workflow_id))
+                )
             elif isinstance(event, MemoryDeleted):
                 deleted.append(event.ref.memory_id)
         return await self._store.lookups(
@@ -195,40 +198,24 @@ class Appender:
         except DecodeError as e:
             raw = printable(fields.get("event", "")) if e.reason != "oversized" else ""
             replay = {k: printable(fields[k]) for k in ("replay_of", "replay_key") if k in fields}
-            policy = self._policy_of(raw)
+            policy = policy_for(self.registry, raw)
             ops.dead_letter(
                 entry.id,
                 reason=e.reason,
-                detail=policy.redact_text(e.detail) if policy is not None else e.detail,
-                event=self._redacted_letter(raw),
+                detail=policy.redact_text(e.detail),
+                event=policy.redact_event(raw),
                 source=source,
-                event_id=printable(e.event_id),
+                event_id=policy.redact_text(printable(e.event_id)),
                 replay_of=replay.get("replay_of"),
                 replay_key=replay.get("replay_key"),
             )
             return
         self._prepare_event(ops, entry.id, decoded, partition, source, found)
 
-    def _policy_of(self, raw: str) -> PrivacyPolicy | None:
-        resource_id = resource_of(raw)
-        resource = self.registry.find(resource_id) if resource_id else None
-        return resource.privacy_policy if resource is not None else None
-
-    def _redacted_letter(self, raw: str, resource: MemoryResource | None = None) -> str:
-        """The event text kept in a dead letter: redacted by its resource's policy, with
-        non-persistable messages removed, when the resource is known (or can be read from
-        the raw JSON). An event of an unknown resource has no policy to apply."""
-        policy = resource.privacy_policy if resource is not None else self._policy_of(raw)
-        return policy.redact_event(raw) if policy is not None else raw
-
     def letter(self, entry: StreamEntry, detail: str) -> tuple[str, str]:
         """What a dead letter written by the runtime keeps of an entry, and of the error
-        that may quote it: both redacted by the policy of the entry's resource."""
-        raw = printable((entry.fields or {}).get("event", ""))
-        policy = self._policy_of(raw)
-        if policy is None:
-            return raw, detail
-        return policy.redact_event(raw), policy.redact_text(detail)
+        that may quote it: both redacted (see ``processors.letters``)."""
+        return letter_of(self.registry, entry, detail)
 
     def _prepare_event(
         self,
@@ -240,7 +227,12 @@ class Appender:
         found: Lookups,
     ) -> None:
         event = decoded.event
-        resource: MemoryResource | None = None
+        registry = self.registry
+        resource = (
+            registry.find(event.ref.resource) if isinstance(event, MEMORY_EVENT_TYPES) else None
+        )
+        # Whatever a letter, an outcome or a log keeps of this event is redacted by this.
+        policy = resource.privacy_policy if resource is not None else registry.privacy_policy
         if event.published_at_ms:
             ops.published_at[entry_id] = event.published_at_ms
 
@@ -248,11 +240,11 @@ class Appender:
             ops.dead_letter(
                 entry_id,
                 reason=reason,
-                detail=detail,
-                event=self._redacted_letter(decoded.text, resource),
+                detail=policy.redact_text(detail),
+                event=policy.redact_event(decoded.text),
                 source=source,
-                memory_id=memory_id,
-                event_id=event.event_id,
+                memory_id=policy.redact_text(memory_id) if memory_id else None,
+                event_id=policy.redact_text(event.event_id),
                 replay_of=decoded.replay_of,
                 replay_key=decoded.idempotency_key,
             )
@@ -261,8 +253,8 @@ class Appender:
             if event.payload.partition != partition:
                 refuse(
                     "misrouted",
-                    f"the end of workflow {event.payload.workflow_id} is addressed to "
-                    f"partition {event.payload.partition}, not {partition}",
+                    f"the end of workflow {registry.workflow_name(event.payload.workflow_id)} "
+                    f"is addressed to partition {event.payload.partition}, not {partition}",
                 )
                 return
             self._end(ops, entry_id, event, found)
@@ -281,7 +273,6 @@ class Appender:
                 ref.memory_id,
             )
             return
-        resource = self.registry.find(ref.resource)
         if resource is None:
             refuse(
                 "unknown_resource",
@@ -289,7 +280,6 @@ class Appender:
                 ref.memory_id,
             )
             return
-        policy = resource.privacy_policy
         if policy.matches(ref.key):
             refuse(
                 "personal_key",
@@ -308,13 +298,14 @@ class Appender:
                 refuse("too_large", problem, ref.memory_id)
                 return
         agent_id = event.payload.agent_id
-        if self.registry.read_only(agent_id, ref.resource):
+        if registry.read_only(agent_id, ref.resource):
             refuse(
                 "read_only",
                 f"agent {agent_id!r} may only read {ref.resource} memories",
                 ref.memory_id,
             )
             return
+        workflow = event.payload.workflow_id
         target = Target(
             entry_id=entry_id,
             memory_id=ref.memory_id,
@@ -322,11 +313,13 @@ class Appender:
             event_id=event.event_id,
             idempotency_key=decoded.idempotency_key,
             replay_of=decoded.replay_of,
-            # A replay may be refused inside the apply script: its letter keeps this text.
-            letter_event=self._redacted_letter(decoded.text, resource)
-            if decoded.replay_of
+            # A replay, or a write of a workflow that may have ended, may be refused
+            # inside the apply script: its letter keeps this text (without it the script
+            # keeps the entry's own text, which is what this would be without a policy).
+            letter_event=policy.redact_event(decoded.text)
+            if decoded.replay_of or (workflow and policy.active)
             else None,
-            workflow=event.payload.workflow_id,
+            workflow=registry.workflow_name(workflow) if workflow else None,
             on_workflow_end=resource.cleanup.on_workflow_end.value,
             grace_ms=int(resource.cleanup.grace * 1000),
         )
@@ -354,7 +347,7 @@ class Appender:
         )
 
     def _end(self, ops: ApplyBatch, entry_id: str, event: WorkflowEnded, found: Lookups) -> None:
-        workflow = event.payload.workflow_id
+        workflow = self.registry.workflow_name(event.payload.workflow_id)
         if (event.tenant, workflow) not in found.workflow_memories:
             raise MissingLookupError(workflows=[(event.tenant, workflow)])
         stored = found.workflow_memories[(event.tenant, workflow)]
@@ -371,11 +364,11 @@ class Appender:
         policy: PrivacyPolicy,
         writers: Sequence[str],
     ) -> None:
-        workflow_id, agent_id = event.payload.workflow_id, event.payload.agent_id
+        agent_id = event.payload.agent_id
 
-        # The ids stored with each message are redacted like its text (the workflow's
-        # own bookkeeping keeps the id it was given: it names the workflow's index).
-        shown_workflow = policy.redact_text(workflow_id) if workflow_id else None
+        # The ids stored with each message are redacted like its text; the workflow is
+        # named as everywhere else (its pseudonym when its id matches a pattern).
+        shown_workflow = target.workflow
         shown_agent = policy.redact_text(agent_id) if agent_id else None
 
         def stored(message: Message) -> str:
@@ -409,21 +402,3 @@ class Appender:
             if event.payload.strategy:
                 fields["strategy"] = event.payload.strategy.value
             ops.command("flush", target, fields)
-
-
-def resource_of(raw: str) -> str | None:
-    """The resource id an event's JSON names, if it can be read at all."""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    payload = data.get("payload") if isinstance(data, dict) else None
-    if not isinstance(payload, dict):
-        return None
-    memory = payload.get("memory")
-    if isinstance(memory, dict) and isinstance(memory.get("resource"), str):
-        return str(memory["resource"])
-    memory_id = payload.get("memory_id")
-    if isinstance(memory_id, str) and memory_id.count("/") >= 2:
-        return memory_id.split("/")[1]
-    return None

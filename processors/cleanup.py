@@ -31,7 +31,9 @@ from events import (
     WorkflowTerminated,
     decode,
 )
-from events.codec import DEFAULT_MAX_EVENT_BYTES, printable
+from events.codec import DEFAULT_MAX_EVENT_BYTES
+from memory import ResourceRegistry
+from processors.letters import letter_of
 from processors.metrics import Metrics
 from processors.port import Batch, Handled, HoldBack
 from store import TRANSIENT_ERRORS, Group, PartitionStreams, Settle, StreamEntry
@@ -52,12 +54,15 @@ class Cleanup:
         self,
         publisher: Publisher,
         streams: PartitionStreams,
+        registry: ResourceRegistry,
         *,
         outcome_ttl_ms: int = 10 * 60 * 1000,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        # Letters are redacted by it and workflows named as the appender names them.
+        self.registry = registry  # replaced as a whole on reload (SIGHUP)
         self._publisher = publisher
         self._streams = streams
         self._outcome_ttl_ms = outcome_ttl_ms
@@ -92,6 +97,7 @@ class Cleanup:
         except DecodeError as e:
             return self._refuse(entry, e.reason, e.detail)
         if isinstance(event, WorkflowTerminated):
+            workflow = self.registry.workflow_name(event.payload.workflow_id)
             try:
                 receipts = await self._publisher.end_workflow(event)
             except PublishError as e:
@@ -100,25 +106,23 @@ class Cleanup:
                     # never counted as an attempt (the event itself is fine); what was
                     # sent meanwhile is applied once.
                     raise RedisConnectionError(
-                        f"sending the end of workflow {event.payload.workflow_id} failed: {e}"
+                        f"sending the end of workflow {workflow} failed: {e}"
                     ) from e
                 # Redis refused the XADDs (out of memory, an ACL user without access, a
                 # key of the wrong type): the lifecycle stream waits, and says why in
                 # `memstream status`, until that is fixed; then it goes on by itself.
-                raise _RefusedError(
-                    f"Redis refused the end of workflow {event.payload.workflow_id}: {e}"
-                ) from e
+                raise _RefusedError(f"Redis refused the end of workflow {workflow}: {e}") from e
             log.info(
                 "workflow %s/%s %s: its end was sent to %d partitions",
                 event.tenant,
-                event.payload.workflow_id,
+                workflow,
                 event.payload.status.value,
                 len(receipts),
             )
             return Settle(
                 entry.id,
                 "applied",
-                detail=f"workflow {event.payload.workflow_id} ended "
+                detail=f"workflow {workflow} ended "
                 f"({event.payload.status.value}): sent to {len(receipts)} partitions",
             )
         if isinstance(event, WorkflowStarted):
@@ -142,10 +146,14 @@ class Cleanup:
             if settle.letter is not None:
                 self._metrics.dead_letters.labels(group, settle.reason or "refused").inc()
 
+    def letter(self, entry: StreamEntry, detail: str) -> tuple[str, str]:
+        """What a dead letter keeps of an entry (see ``processors.letters``)."""
+        return letter_of(self.registry, entry, detail)
+
     def _refuse(self, entry: StreamEntry, reason: str, detail: str) -> Settle:
-        raw = printable((entry.fields or {}).get("event", ""))
+        event, detail = self.letter(entry, detail)
         letter = {
-            "event": raw if reason != "oversized" else "",
+            "event": event if reason != "oversized" else "",
             "reason": reason,
             "detail": detail,
             "entry": entry.id,

@@ -21,6 +21,7 @@ from processors import erasecli, flushcli, gatewaycli, lifecli, opscli, repartcl
 from processors.accountant import Accountant
 from processors.app import App
 from processors.appender import Appender
+from processors.cleanup import Cleanup
 from processors.clitools import EXIT_REFUSED, command, settings_from
 from processors.logs import setup_logging
 from processors.resources import resources
@@ -120,7 +121,7 @@ async def run(
         if processor in ("summarizer", "all") and tokenizers:
             workers.append(await app.summarizer(registry, tokenizers))
         if processor in ("cleanup", "all"):
-            workers.append(await app.cleanup())
+            workers.append(await app.cleanup(registry))
         loop.add_signal_handler(signal.SIGHUP, reload_resources, workers)
         if settings.metrics_port:
             app.metrics.serve(settings.metrics_port, settings.metrics_addr)
@@ -141,7 +142,9 @@ async def run(
 def reload_resources(workers: list[Worker]) -> None:
     """SIGHUP: read the resource files again; keep the loaded ones if any file fails."""
     processors = [
-        w.processor for w in workers if isinstance(w.processor, Appender | Accountant | Summarizer)
+        w.processor
+        for w in workers
+        if isinstance(w.processor, Appender | Accountant | Summarizer | Cleanup)
     ]
     if not processors:
         return

@@ -76,6 +76,9 @@ async def ls(
 ) -> None:
     shown = 0
     async with App(settings_from()) as app:
+        if workflow is not None:  # named as the appender names it (a pseudonym, maybe)
+            registry = app.registry_if_present()
+            workflow = registry.workflow_name(workflow) if registry else workflow
         async for listed in list_memories(
             app.client, app.keys, tenant, resource=resource, workflow=workflow
         ):

@@ -311,9 +311,9 @@ class PartitionLoop:
 
     async def _count_failure(self, entry_id: str, error: str, entries: list[StreamEntry]) -> None:
         entry = next(e for e in entries if e.id == entry_id)
-        if isinstance(self._processor, WritesLetters):
-            _, error = self._processor.letter(entry, error)  # errors may quote the event
+        # Counted first: nothing said of the entry below may keep it from being counted.
         attempts = await self._streams.count_attempt(self._lease, entry_id)
+        _, error = self._letter(entry, error)  # errors may quote the event
         self._metrics.failed_attempts.labels(self._name).inc()
         log.warning(
             "partition %d: entry %s failed (attempt %d of %d): %s",
@@ -333,10 +333,7 @@ class PartitionLoop:
         self, entry: StreamEntry, reason: str, detail: str, attempts: int | None = None
     ) -> None:
         fields = entry.fields or {}
-        if isinstance(self._processor, WritesLetters):
-            event, detail = self._processor.letter(entry, detail)
-        else:
-            event = printable(fields.get("event", json.dumps(fields)))
+        event, detail = self._letter(entry, detail)
         letter = {
             "event": event,
             "reason": reason,
@@ -356,6 +353,24 @@ class PartitionLoop:
         log.error(
             "partition %d: entry %s dead-lettered (%s: %s)", self._p, entry.id, reason, detail
         )
+
+    def _letter(self, entry: StreamEntry, detail: str) -> tuple[str, str]:
+        """What a dead letter (or a log line) keeps of an entry and of an error that may
+        quote it; never raises. A processor that redacts and fails to keeps neither."""
+        if not isinstance(self._processor, WritesLetters):
+            fields = entry.fields or {}
+            return printable(fields.get("event", json.dumps(fields))), detail
+        try:
+            return self._processor.letter(entry, detail)
+        except Exception as e:
+            log.error(
+                "partition %d: entry %s could not be redacted for its dead letter (%s); "
+                "neither its event nor its error is kept",
+                self._p,
+                entry.id,
+                type(e).__name__,
+            )
+            return "", f"the error could not be redacted ({type(e).__name__})"
 
     async def _hold(self, entry_id: str, reason: str) -> None:
         info = {

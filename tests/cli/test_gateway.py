@@ -219,6 +219,42 @@ def test_a_repeated_idempotency_key_is_applied_once(acme: httpx.Client) -> None:
     assert contents(acme, key) == ["once"]
 
 
+def test_a_batch_key_never_collides_with_a_later_single_key(acme: httpx.Client) -> None:
+    key, idem = fresh(), uuid.uuid4().hex
+    batch = {"messages": [{"role": "user", "content": c} for c in ("one", "two")]}
+    first = acme.post(path(key, "/messages"), json=batch, headers={"Idempotency-Key": idem})
+    assert [r["outcome"]["status"] for r in first.json()["results"]] == ["applied"] * 2
+    single = {"messages": [{"role": "user", "content": "three"}]}
+    for literal in (f"{idem}:0", f"{idem}:1"):
+        reply = acme.post(path(key, "/messages"), json=single, headers={"Idempotency-Key": literal})
+        assert reply.json()["results"][0]["outcome"]["status"] == "applied", literal
+    again = acme.post(path(key, "/messages"), json=batch, headers={"Idempotency-Key": idem})
+    assert [r["outcome"]["status"] for r in again.json()["results"]] == ["duplicate"] * 2
+    assert contents(acme, key) == ["one", "two", "three", "three"]
+
+
+def test_a_batch_with_the_longest_key_is_accepted(acme: httpx.Client) -> None:
+    key = fresh()
+    batch = {"messages": [{"role": "user", "content": c} for c in ("one", "two")]}
+    reply = acme.post(path(key, "/messages"), json=batch, headers={"Idempotency-Key": "k" * 200})
+    assert reply.status_code == 200, reply.text
+    assert contents(acme, key) == ["one", "two"]
+
+
+def test_metadata_nested_past_the_contract_limit_is_refused_before_publishing(
+    acme: httpx.Client,
+) -> None:
+    key = fresh()
+    deep: object = "leaf"
+    for _ in range(80):
+        deep = [deep]
+    body = {"messages": [{"role": "user", "content": "x", "metadata": {"m": deep}}]}
+    reply = acme.post(path(key, "/messages"), json=body)
+    assert reply.status_code == 422, reply.text
+    assert "more than 64 deep" in reply.json()["detail"]
+    assert contents(acme, key) == []
+
+
 def test_without_wait_the_answer_is_202_with_receipts_and_the_append_lands(
     acme: httpx.Client,
 ) -> None:

@@ -123,7 +123,7 @@ class Rig:
 
     def cleanup(self) -> Cleanup:
         streams = PartitionStreams(self.client, self.scripts, self.keys, Group.CLEANUP)
-        return Cleanup(self.publisher, streams, metrics=self.metrics)
+        return Cleanup(self.publisher, streams, self.registry, metrics=self.metrics)
 
     def start_cleanup(self, name: str = "cleanup") -> Worker:
         """The lifecycle stream's worker (one partition)."""

@@ -161,6 +161,7 @@ async def test_the_pipeline_runs_under_the_acl_users(acl_server: Users) -> None:
                 Cleanup(
                     Publisher(worker_client, keys=keys, scripts=worker_scripts),
                     PartitionStreams(worker_client, worker_scripts, keys, Group.CLEANUP),
+                    registry,
                 ),
                 1,
                 FAST,

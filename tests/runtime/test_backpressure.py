@@ -133,7 +133,7 @@ async def test_the_cleanup_processor_sends_workflow_ends_to_full_streams(
             await full.append(ref_in(0, "end"), user("c"))
         await full.workflow_terminated("acme", "wf-full")
         stop = asyncio.Event()
-        cleanup = await app.cleanup()
+        cleanup = await app.cleanup(rig.registry)
         task = asyncio.create_task(cleanup.run(stop))
         try:
             await rig.eventually(

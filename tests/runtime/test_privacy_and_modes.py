@@ -18,6 +18,7 @@ from memory import (
     resolve_memories,
     template_context,
 )
+from memory.privacy import pseudonym
 from store import Group, OutcomeStatus
 from tests.runtime.conftest import PARTITIONS, Rig, user
 
@@ -107,7 +108,10 @@ async def test_the_ids_stored_with_a_message_are_redacted_too(rig: Rig) -> None:
     assert published.outcome is not None and published.outcome.ok
     view = await rig.reader.read(MemoryRef(SUPPORT.tenant, SUPPORT.resource, "privacy-ids"))
     (stored,) = view.messages
-    assert (stored.workflow, stored.agent) == ("wf for [REDACTED]", "agent of [REDACTED]")
+    # A workflow is named by its pseudonym wherever it is kept, messages included.
+    assert stored.workflow == pseudonym("wf for jane@example.com")
+    assert stored.agent == "agent of [REDACTED]"
+    assert "example.com" not in await namespace_dump(rig)
 
 
 async def _ingest_empty(rig: Rig, p: int) -> bool:

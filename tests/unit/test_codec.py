@@ -43,6 +43,8 @@ from events import (
     encode,
     event_json,
 )
+from events.codec import MAX_JSON_DEPTH, MAX_VERSIONS_AHEAD
+from events.envelope import SCHEMA_VERSION
 from memory import Message, Role, ToolCall
 from memory.message import FunctionCall
 
@@ -184,19 +186,66 @@ def test_version_0_is_unsupported_and_names_the_supported_versions() -> None:
     assert info.value.tenant == "acme"
 
 
-@pytest.mark.parametrize("version", [4, 99])
-def test_a_newer_version_holds_back_and_is_never_a_decode_error(version: int) -> None:
+@pytest.mark.parametrize("ahead", [1, MAX_VERSIONS_AHEAD])
+def test_a_newer_version_holds_back_and_is_never_a_decode_error(ahead: int) -> None:
     # Whatever else is wrong with it, a newer event is for newer consumers to judge.
+    version = SCHEMA_VERSION + ahead
     data = appended(schema_version=version, type="something.new", payload={"x": 1})
     with pytest.raises(NewerSchemaError) as info:
         decode(fields(data))
     assert not isinstance(info.value, DecodeError)
     assert info.value.version == version
-    assert info.value.supported == 3
+    assert info.value.supported == SCHEMA_VERSION
     assert "upgrade the consumers first" in str(info.value)
 
 
-@pytest.mark.parametrize("kind", ["message.deleted", "", 7])
+@pytest.mark.parametrize("version", [SCHEMA_VERSION + MAX_VERSIONS_AHEAD + 1, 10**30])
+def test_an_implausibly_new_version_is_invalid_not_held(version: int) -> None:
+    # No upgrade skips that many versions: holding a partition for one would be for ever.
+    with pytest.raises(DecodeError) as info:
+        decode(fields(appended(schema_version=version)))
+    assert info.value.reason == "invalid"
+    assert "not a version" in info.value.detail
+
+
+@pytest.mark.parametrize("kind", [7, [], {"a": 1}, True])
+def test_a_type_that_is_not_a_string_is_invalid(kind: Any) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(fields(appended(type=kind)))
+    assert (info.value.reason, info.value.detail) == ("invalid", "type must be a string")
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH - 4 - 1, MAX_JSON_DEPTH - 4])
+def test_metadata_is_admitted_up_to_the_nesting_limit(depth: int) -> None:
+    # The envelope takes four levels: payload, message, metadata, the value's own.
+    text = json.dumps(appended()).replace('"content"', '"metadata": {"m": NESTED}, "content"')
+    nested = "[" * depth + "1" + "]" * depth
+    text = text.replace("NESTED", nested)
+    if depth + 4 <= MAX_JSON_DEPTH:
+        assert decode({"event": text}).event is not None
+    else:
+        with pytest.raises(DecodeError) as info:
+            decode({"event": text})
+        assert info.value.reason == "invalid"
+        assert f"more than {MAX_JSON_DEPTH} deep" in info.value.detail
+
+
+def test_anything_unforeseen_in_decoding_is_an_invalid_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from events import codec
+
+    def broken(data: object) -> object:
+        raise TypeError("an input no check foresaw")
+
+    monkeypatch.setattr(codec.EVENT_ADAPTER, "validate_python", broken)
+    with pytest.raises(DecodeError) as info:
+        decode(fields(appended()))
+    assert info.value.reason == "invalid"
+    assert "TypeError" in info.value.detail
+
+
+@pytest.mark.parametrize("kind", ["message.deleted", ""])
 def test_an_unknown_type_is_unknown_type_and_lists_the_known_ones(kind: Any) -> None:
     with pytest.raises(DecodeError) as info:
         decode(fields(appended(type=kind)))

@@ -348,3 +348,58 @@ def test_a_traceback_is_masked_too() -> None:
         record = logging.LogRecord("x", logging.ERROR, "f", 1, "failed", None, sys.exc_info())
     text = formatter.format(record)
     assert "hunter2" not in text and "password=***" in text
+
+
+PHONE = r"\d{10,}"
+
+
+def test_a_dead_letter_keeps_the_envelope_numbers_and_made_ids_and_redacts_the_rest() -> None:
+    policy = PrivacyPolicy(redact_patterns=[PHONE, SSN, EMAIL])
+    event = {
+        "schema_version": 3,
+        "type": "message.appended",
+        "event_id": "0123456789abcdef0123456789abcdef",
+        "tenant": "acme",
+        "published_at_ms": 1796661865194,
+        "partitions": 16,
+        "idempotency_key": "call 5551234567",
+        "payload": {
+            "memory": {"resource": "patient-intake", "key": "k"},
+            "workflow_id": "intake-joe@example.com",
+            "message": {"role": "user", "content": "SSN 123-45-6789, phone 5551234567"},
+        },
+    }
+    kept = json.loads(policy.redact_event(json.dumps(event)))
+    for field in ("schema_version", "type", "event_id", "tenant", "published_at_ms", "partitions"):
+        assert kept[field] == event[field]
+    assert kept["idempotency_key"] == f"call {R}"
+    assert kept["payload"]["workflow_id"] == R
+    assert kept["payload"]["message"]["content"] == f"SSN {R}, phone {R}"
+
+
+def test_an_event_id_made_by_the_producer_is_redacted_like_its_other_text() -> None:
+    event = {"type": "message.appended", "event_id": "joe@example.com", "payload": {}}
+    assert json.loads(POLICY.redact_event(json.dumps(event)))["event_id"] == R
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": ["user"], "content": "123-45-6789"},
+        {"role": {"a": 1}, "content": "123-45-6789"},
+        {"role": None, "metadata": [1, 2], "content": "123-45-6789"},
+        {"role": "user", "metadata": {"type": ["x"]}, "content": "123-45-6789"},
+    ],
+)
+def test_a_dead_letter_of_any_json_is_redacted_and_never_raises(message: object) -> None:
+    policy = PrivacyPolicy(redact_patterns=[SSN], non_persistable_message_types=["system"])
+    event = {"type": "message.appended", "payload": {"message": message, "messages": [message]}}
+    kept = policy.redact_event(json.dumps(event))
+    assert "123-45-6789" not in kept
+    assert R in kept
+
+
+def test_a_dead_letter_nested_past_any_parser_is_redacted_as_text() -> None:
+    text = '{"payload": ' + "[" * 5000 + '"123-45-6789"' + "]" * 5000 + "}"
+    kept = POLICY.redact_event(text)
+    assert "123-45-6789" not in kept and R in kept
