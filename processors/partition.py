@@ -326,6 +326,21 @@ class PartitionLoop:
         if attempts >= self._config.max_attempts:
             await self._dead_letter(entry, "failed", error, attempts)
         else:
+            # `memstream status` names the entry the partition is stuck on until it
+            # passes (the next clean step clears the marker) or is dead-lettered.
+            info = {
+                "entry": entry_id,
+                "kind": "failing",
+                "reason": f"failing (attempt {attempts} of {self._config.max_attempts}): "
+                f"{error[:500]}",
+                "attempts": attempts,
+                "max_attempts": self._config.max_attempts,
+                "error": error[:500],
+                "worker": self._consumer,
+                "at": int(time.time()),
+            }
+            await self._mark_held(json.dumps(info))
+            self._held = True
             backoff = Backoff(base=0.2, cap=self._config.backoff_max, tries=attempts - 1)
             await self._sleep(backoff.next())
 
@@ -347,6 +362,9 @@ class PartitionLoop:
                 letter[name] = printable(fields[name])
         settle = Settle(entry.id, "refused", reason, detail, letter=letter)
         await self._streams.settle(self._lease, [settle], self._config.outcome_ttl_ms)
+        if self._held:  # it was stuck on this entry: not any more
+            await self._mark_held("")
+            self._held = False
         self._metrics.dead_letters.labels(self._name, reason).inc()
         self._metrics.settled(self._name, [("dlq", "refused")])
         self._passed(entry.id)
@@ -375,6 +393,7 @@ class PartitionLoop:
     async def _hold(self, entry_id: str, reason: str) -> None:
         info = {
             "entry": entry_id,
+            "kind": "newer_schema",
             "reason": reason,
             "worker": self._consumer,
             "at": int(time.time()),

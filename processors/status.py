@@ -37,7 +37,11 @@ class PartitionStatus:
     pending: int
     lag: int | None  # entries not yet delivered; None when the group does not exist yet
     dead_letters: int
+    # Why the partition waits at one entry: a newer schema (kind newer_schema), or an
+    # entry whose processing keeps failing (kind failing: its attempts and last error).
     held: dict[str, Any] | None
+    # The entry with the most counted attempts (a worker that died on it counts too).
+    most_attempts: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,10 @@ async def group_status(
         pipe.xlen(stream)
         pipe.xlen(keys.dlq(p))
         pipe.get(keys.held(p, group.value))
-        lease, ttl, length, dead, held = await pipe.execute()
+        pipe.hgetall(keys.attempts(p, group.value))
+        lease, ttl, length, dead, held, attempts = await pipe.execute()
+        counted = {str(k): int(v) for k, v in attempts.items()}
+        most = max(counted.items(), key=lambda kv: kv[1]) if counted else None
         pending, lag = 0, None
         try:
             infos = await client.execute_command("XINFO", "GROUPS", stream)
@@ -98,6 +105,7 @@ async def group_status(
                 lag=lag,
                 dead_letters=int(dead),
                 held=json.loads(held) if held else None,
+                most_attempts=most,
             )
         )
     recorded = await read_circuits(client, keys, group.value)
@@ -125,7 +133,12 @@ def render(status: GroupStatus) -> str:
     ]
     for p in status.partitions:
         lag = "-" if p.lag is None else (f">={LAG_CAP}" if p.lag >= LAG_CAP else str(p.lag))
-        held = f"at {p.held['entry']}: {p.held['reason']}" if p.held else ""
+        held = ""
+        if p.held:
+            word = "stuck" if p.held.get("kind") == "failing" else "held"
+            held = f"{word} at {p.held['entry']}: {p.held['reason']}"
+        elif p.most_attempts:
+            held = f"entry {p.most_attempts[0]}: {p.most_attempts[1]} failed attempt(s)"
         fence = "-" if p.fence is None else str(p.fence)
         lines.append(
             f"{p.partition:>4}  {(p.owner or '(none)'):<28} {fence:>6} "

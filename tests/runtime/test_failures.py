@@ -231,3 +231,54 @@ async def test_a_partition_refused_by_redis_publishes_none_of_its_events(
     finally:
         await client.aclose()
         server.stop()
+
+
+class FailsOn:
+    """The appender, failing every batch that holds an entry with ``text``."""
+
+    def __init__(self, rig: Rig, text: str) -> None:
+        self.inner = rig.appender()
+        self.group = self.inner.group
+        self.text = text
+
+    async def process(self, batch: Batch) -> Handled:
+        if any(self.text in (e.fields or {}).get("event", "") for e in batch.entries):
+            raise ValueError("cannot apply this one")
+        return await self.inner.process(batch)
+
+
+async def test_status_names_the_entry_a_partition_is_stuck_on(rig: Rig) -> None:
+    from dataclasses import replace
+
+    from processors.status import group_status, render
+
+    config = replace(rig.config, loop=replace(rig.config.loop, max_attempts=50, backoff_max=0.05))
+    bad = await add(rig, "stuck-here")
+    rig.start("w1", FailsOn(rig, "stuck-here"), config)  # type: ignore[arg-type]
+
+    async def stuck() -> bool:
+        status = await group_status(rig.client, rig.scripts, rig.keys, Group.APPENDER, 5000)
+        held = status.partitions[P].held
+        return held is not None and held.get("attempts", 0) >= 2
+
+    await rig.eventually(stuck, what="the partition reported stuck")
+    status = await group_status(rig.client, rig.scripts, rig.keys, Group.APPENDER, 5000)
+    row = status.partitions[P]
+    assert row.held is not None
+    assert (row.held["kind"], row.held["entry"]) == ("failing", bad)
+    assert "ValueError('cannot apply this one')" in row.held["error"]
+    assert row.held["max_attempts"] == 50
+    assert row.most_attempts is not None and row.most_attempts[0] == bad
+    text = render(status)
+    assert f"stuck at {bad}: failing (attempt" in text
+    await rig.stop("w1")
+    # Once it is dead-lettered, the partition is no longer reported stuck.
+    rig.start(
+        "w2", FailsOn(rig, "stuck-here"), replace(config, loop=replace(config.loop, max_attempts=3))
+    )  # type: ignore[arg-type]
+    outcome = await rig.reader.wait_applied(P, bad, timeout=20)
+    assert (outcome.status, outcome.reason) == ("refused", "failed")
+    after = await add(rig, "fine")
+    assert (await rig.reader.wait_applied(P, after, timeout=10)).status == "applied"
+    status = await group_status(rig.client, rig.scripts, rig.keys, Group.APPENDER, 5000)
+    assert status.partitions[P].held is None and status.partitions[P].most_attempts is None
