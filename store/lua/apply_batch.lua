@@ -10,7 +10,8 @@
 -- KEYS[3] changes   changes:{p}
 -- KEYS[4] dlq       dlq:{p}
 -- KEYS[5] flush     flush:{p}
--- KEYS[6] counters  hash: seq, gen (never expire, never reused)
+-- KEYS[6] counters  hash: seq, gen (never expire, never reused); swept (the newest
+--                   ingest entry id an erasure removed: erase_entries.lua)
 -- KEYS[7] attempts  hash: entry id -> counted attempts
 -- KEYS[8 .. 7+B]    outcome buckets
 -- KEYS[8+B .. 7+B+X] index keys, referred to by number (1..X) from ops and mems: a
@@ -52,7 +53,8 @@
 -- Returns {'stale'} (nothing changed) or {'ok', statuses, reasons}: the reason of each
 -- refused op ('' for the others), and one status per op: applied, duplicate,
 -- skipped (settled before: at or below the watermark, or no longer pending), refused,
--- erased, partial (an ended op with more to do: not acknowledged) per op. Outcomes are written once (HSETNX): a later run never overwrites them.
+-- erased (the op's entry is no longer in the stream: an erasure removed it after the
+-- caller read it), partial (an ended op with more to do: not acknowledged) per op. Outcomes are written once (HSETNX): a later run never overwrites them.
 local lease, ingest, changes, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local flush, counters, attempts = KEYS[5], KEYS[6], KEYS[7]
 local value, group, nb = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -65,6 +67,22 @@ if rcall('GET', lease) ~= value then
 end
 
 local now = now_ms()
+
+-- An entry an erasure removed after the caller read it (erase-tenant removes a tenant's
+-- entries, then its keys) is settled as erased, never applied: applying it would bring
+-- back what the erasure removed. Only entries at or below the sweep mark (the newest
+-- entry an erasure removed, raised in the same step) can be gone, so a batch pays one
+-- HGET unless an erasure ran since its entries were published.
+local swept = rcall('HGET', counters, 'swept')
+if swept then
+  for _, op in ipairs(ops) do
+    if op.k ~= 'erased' and idcmp(op.id, swept) <= 0
+        and #rcall('XRANGE', ingest, op.id, op.id) == 0 then
+      op.k = 'erased'
+    end
+  end
+end
+
 -- A replay is safe only while both its idempotency key and the memory's last reset are
 -- still remembered.
 local replay_ms = math.min(idem_ms, tomb_ms)

@@ -278,3 +278,26 @@ async def test_a_restore_brings_the_backup_back_under_its_sequences_in_a_new_gen
         ("appended", "2", str(gen)),
         ("appended", "4", str(gen)),
     ]
+
+
+async def test_entries_an_erasure_removed_after_they_were_read_are_settled_as_erased(
+    setup: tuple[MemoryStore, Lease], client: RedisClient, scripts: Scripts, keys: Keys
+) -> None:
+    store, lease = setup
+    ids = await publish(client, keys, 4)
+    marked = [keys.ingest(P), keys.counters(P)]
+    # erase_entries removes and raises the sweep mark in one step; the mark only grows.
+    assert await scripts("erase_entries", marked, [ids[2]]) == 1
+    assert await scripts("erase_entries", marked, [ids[1]]) == 1
+    assert await client.hget(keys.counters(P), "swept") == ids[2]
+    batch = ApplyBatch(keys, P)
+    for i, entry_id in enumerate(ids):
+        batch.append(target(entry_id), msg(f"m{i}"))
+    # Entries at or below the mark are looked up: the ones still there are applied.
+    assert await store.apply(lease, batch) == ["applied", "erased", "erased", "applied"]
+    assert await contents(client, keys) == ["m0", "m3"]
+    pending = await client.xpending(keys.ingest(P), Group.APPENDER.value)
+    assert pending["pending"] == 0
+    reader = MemoryReader(client, scripts, keys)
+    outcome = await reader.outcome(P, ids[1])
+    assert outcome is not None and outcome.status == "erased" and outcome.event_id == f"ev-{ids[1]}"
