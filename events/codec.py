@@ -124,7 +124,14 @@ def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}
+def _upgrade_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 only added memory.restored: a version 3 event is a version 4 event as
+    it is."""
+    data["schema_version"] = 4
+    return data
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _upgrade_v3}
 
 
 def decode(fields: dict[str, str] | None, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Decoded:

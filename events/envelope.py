@@ -9,6 +9,7 @@ JSON Schema of the current version (``memstream schema events`` prints it).
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -25,13 +26,15 @@ from memory.ref import (
 )
 
 #: The schema version this code writes. Version 3 added workflow.ended (the cleanup
-#: processor's command): a consumer of version 2 holds it back (rule 9) instead of
-#: refusing it. Events of versions 2 and 1 are still read.
-SCHEMA_VERSION = 3
+#: processor's command), version 4 memory.restored: a consumer of an older version holds
+#: such an event back (rule 9) instead of refusing it. Events of versions 3, 2 and 1 are
+#: still read.
+SCHEMA_VERSION = 4
 #: The oldest schema version this code still reads (upgraded on decode).
 OLDEST_SUPPORTED_VERSION = 1
 
 MAX_ID_LENGTH = 200
+STREAM_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
 
 
 class EventType(enum.StrEnum):
@@ -41,6 +44,7 @@ class EventType(enum.StrEnum):
     MEMORY_REPLACED = "memory.replaced"
     FLUSH_REQUESTED = "flush.requested"
     MESSAGE_ERASED = "message.erased"
+    MEMORY_RESTORED = "memory.restored"
     WORKFLOW_STARTED = "workflow.started"
     WORKFLOW_TERMINATED = "workflow.terminated"
     WORKFLOW_ENDED = "workflow.ended"
@@ -115,6 +119,21 @@ class ErasePayload(MemoryPayload):
     seq: int = Field(ge=1, le=2**53 - 1, description="the sequence of the message to erase")
 
 
+class RestorePayload(MemoryPayload):
+    backup_id: str = Field(
+        description="the backup to bring back: the id a `memory.cleared` with `backup` "
+        "reported (its entry id); only the memory's latest backup can be restored",
+        json_schema_extra={"pattern": STREAM_ID_PATTERN},
+    )
+
+    @field_validator("backup_id")
+    @classmethod
+    def _backup_id(cls, value: str) -> str:
+        if not re.fullmatch(STREAM_ID_PATTERN, value):
+            raise ValueError("backup_id must be a stream entry id such as 1700000000000-0")
+        return value
+
+
 class FlushPayload(MemoryPayload):
     strategy: FlushStrategy | None = Field(
         default=None, description="override the resource's strategy"
@@ -144,7 +163,7 @@ class _Envelope(_Model):
         extra="forbid", frozen=True, json_schema_extra=_require_type_and_version
     )
 
-    schema_version: Literal[3] = 3
+    schema_version: Literal[4] = 4
     event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=MAX_ID_LENGTH)
     tenant: str = Field(json_schema_extra={"pattern": TENANT_PATTERN})
     idempotency_key: str | None = Field(
@@ -213,6 +232,15 @@ class MessageErased(_MemoryEvent):
     payload: ErasePayload
 
 
+class MemoryRestored(_MemoryEvent):
+    """Bring a memory's latest backup back (a new generation holding its messages, each
+    with its own sequence, summaries with what they cover), decided in the memory's
+    partition, in order with erases."""
+
+    type: Literal[EventType.MEMORY_RESTORED] = EventType.MEMORY_RESTORED
+    payload: RestorePayload
+
+
 class WorkflowStarted(_Envelope):
     type: Literal[EventType.WORKFLOW_STARTED] = EventType.WORKFLOW_STARTED
     payload: WorkflowPayload
@@ -230,6 +258,7 @@ MemoryEvent = (
     | MemoryReplaced
     | FlushRequested
     | MessageErased
+    | MemoryRestored
 )
 
 
@@ -251,6 +280,7 @@ MEMORY_EVENT_TYPES: tuple[type[_MemoryEvent], ...] = (
     MemoryReplaced,
     FlushRequested,
     MessageErased,
+    MemoryRestored,
 )
 
 EVENT_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(Event)

@@ -30,9 +30,11 @@ from events.envelope import (
     MemoryName,
     MemoryPayload,
     MemoryReplaced,
+    MemoryRestored,
     MessageAppended,
     MessageErased,
     ReplacePayload,
+    RestorePayload,
     TerminatedPayload,
     WorkflowEnded,
     WorkflowPayload,
@@ -962,6 +964,27 @@ class Publisher:
             memory=_name(ref), seq=seq, agent_id=agent_id, workflow_id=workflow_id
         )
         event = MessageErased(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
+        return await self.publish(event, wait=wait, timeout=timeout)
+
+    async def restore(
+        self,
+        ref: MemoryRef,
+        backup_id: str,
+        *,
+        agent_id: str | None = None,
+        workflow_id: str | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> Published:
+        """Replace the memory with its backup ``backup_id`` (the ``Outcome.backup`` of a
+        clear with ``backup``), in order with the memory's other events: an erase
+        published before it stays erased. Refused (``backup_not_latest``,
+        ``backup_gone``) unless it is the memory's latest backup and still kept."""
+        payload = RestorePayload(
+            memory=_name(ref), backup_id=backup_id, agent_id=agent_id, workflow_id=workflow_id
+        )
+        event = MemoryRestored(tenant=ref.tenant, idempotency_key=idempotency_key, payload=payload)
         return await self.publish(event, wait=wait, timeout=timeout)
 
     async def request_flush(

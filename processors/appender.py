@@ -15,6 +15,7 @@ from events import (
     MemoryDeleted,
     MemoryEvent,
     MemoryReplaced,
+    MemoryRestored,
     MessageAppended,
     MessageErased,
     NewerSchemaError,
@@ -72,6 +73,11 @@ class MissingLookupError(Exception):
         super().__init__("a lookup is missing")
         self.workflows = list(workflows)
         self.deleted = list(deleted)
+
+
+class StartsCallError(Exception):
+    """The entry must be the first op of its memory in a script call (a restore, which
+    the script decides from the stored backup): the call ends before it."""
 
 
 class Appender:
@@ -134,6 +140,8 @@ class Appender:
                 return HoldBack(entry.id, str(e)), None, False
             except MissingLookupError:
                 raise
+            except StartsCallError:
+                return None, None, True  # it starts the next call
             except Exception as e:
                 return None, EntryFailedError(entry.id, e), False
             if ops.ops and ops.ops[-1]["k"] == "ended":
@@ -397,6 +405,10 @@ class Appender:
             ops.command("delete", target, writers=writers)
         elif isinstance(event, MessageErased):
             ops.erase(target, event.payload.seq)
+        elif isinstance(event, MemoryRestored):
+            if ops.touches(target.memory_id):
+                raise StartsCallError
+            ops.restore(target, event.payload.backup_id)
         else:
             fields = {"dry_run": "1" if event.payload.dry_run else "0"}
             if event.payload.strategy:

@@ -42,7 +42,7 @@ async def erase(tenant: str, verify: bool, as_json: bool) -> None:
             partitions = await get_partitions(app.client, app.keys)
         except NotConfiguredError:
             partitions = 0  # nothing was ever published: no partitioned stream to read
-        erased = await erase_tenant(app.client, app.keys, tenant, partitions=partitions)
+        erased = await erase_tenant(app.scripts, app.keys, tenant, partitions=partitions)
         remnants = await tenant_remnants(app.client, app.keys, tenant) if verify else None
     if as_json:
         data = erased.as_json()

@@ -6,6 +6,7 @@ ordered with the appends of every agent."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -16,8 +17,8 @@ import click
 from pydantic import TypeAdapter, ValidationError
 
 from events import Publisher
-from events.envelope import AppendPayload, MemoryName, MessageAppended
-from memory import MemoryRef, Message, StoredMessage
+from events.envelope import STREAM_ID_PATTERN, AppendPayload, MemoryName, MessageAppended
+from memory import MemoryRef, Message
 from processors.app import App
 from processors.clitools import EXIT_REFUSED, command, settings_from
 from processors.tokenizers import Tokenizers
@@ -121,49 +122,12 @@ async def clear(memory: MemoryRef, backup: bool, timeout: float, as_json: bool) 
             click.echo(f"no backup made by this request ({outcome.status.value})")
 
 
-def restored(stored: StoredMessage, protected: int) -> Message:
-    """A backed-up message as it is published again. A summary cannot travel as a
-    summary (an event carries no ``covers``): it comes back as a system message one
-    level below protected, so flushes may still remove it."""
-    message = stored.to_message()
-    if stored.is_summary:
-        metadata = {**message.metadata, "restored_summary_of": len(stored.covers or [])}
-        return message.model_copy(update={"priority": protected - 1, "metadata": metadata})
-    return message
-
-
 async def restore(memory: MemoryRef, backup_id: str, timeout: float, as_json: bool) -> None:
-    """Replace the memory with its backup's messages, through its partition: one replace
-    with the first messages and appends with the rest, within the request limits."""
+    """Replace the memory with its backup, decided in its partition (in order with erases:
+    an erase published before stays erased; summaries come back with what they cover)."""
     async with App(settings_from()) as app:
-        resource = app.registry().get_resource(memory.resource)
-        p = await app.reader().partition_of(memory)
-        k = app.keys.memory(p, memory.memory_id)
-        found = await app.client.hget(k.tomb, "backup")
-        latest = str(found) if found else None
-        texts = await app.client.zrange(k.backup, 0, -1) if latest == backup_id else []
-        if not texts:
-            hint = f"; its latest backup is {latest}" if latest and latest != backup_id else ""
-            raise click.BadParameter(
-                f"no backup {backup_id} of {memory.memory_id} (a backup lasts 7 days at most, "
-                f"and a delete removes it){hint}",
-                param_hint="BACKUP_ID",
-            )
-        protected = resource.priority.protected
-        messages = [restored(StoredMessage.model_validate_json(str(t)), protected) for t in texts]
-        limits = app.settings.limits()
-        first, rest = messages[: limits.max_messages], messages[limits.max_messages :]
-        publisher = _publisher(app)
-        outcomes = [(await publisher.replace(memory, first, wait=True, timeout=timeout)).outcome]
-        name = MemoryName(resource=memory.resource, key=memory.key)
-        for i in range(0, len(rest), limits.max_messages):
-            events = [
-                MessageAppended(tenant=memory.tenant, payload=AppendPayload(memory=name, message=m))
-                for m in rest[i : i + limits.max_messages]
-            ]
-            published = await publisher.publish_many(events, wait=True, timeout=timeout)
-            outcomes += [p.outcome for p in published]
-    _report("restore", outcomes, as_json)
+        published = await _publisher(app).restore(memory, backup_id, wait=True, timeout=timeout)
+    _report("restore", [published.outcome], as_json)
 
 
 async def erase(memory: MemoryRef, seq: int, timeout: float, as_json: bool) -> None:
@@ -312,7 +276,14 @@ def register(
     async def restore_cmd(
         ref: str, backup_id: str, timeout: float, as_json_out: bool, stored_key: bool
     ) -> None:
-        """Replace REF with the messages of a backup that `clear --backup` made."""
+        """Replace REF with the messages of a backup that `clear --backup` made (its
+        latest: an older one is refused)."""
+        if not re.fullmatch(STREAM_ID_PATTERN, backup_id):
+            raise click.BadParameter(
+                f"{backup_id!r} is not a backup id: `clear --backup` prints it (a stream entry "
+                f"id such as 1700000000000-0)",
+                param_hint="BACKUP_ID",
+            )
         await restore(ref_of(ref, stored_key), backup_id, timeout, as_json_out)
 
     @main.command("erase")

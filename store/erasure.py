@@ -8,7 +8,11 @@ pipeline of single-key commands, which a Cluster client splits by node):
    entries are removed with XDEL, and the outcomes recorded for them with HDEL. Entries
    go first so that no event of the tenant still waiting in a stream can bring back a
    memory the next sweep removes. A deleted entry that was pending is settled by its
-   next owner as ``erased`` (DESIGN rule 3).
+   next owner as ``erased`` (DESIGN rule 3). An ``ingest`` entry the appender had read
+   before it was deleted is settled as ``erased`` too, however late its batch is
+   applied: the same script step that deletes it raises the partition's sweep mark
+   (``erase_entries.lua``), and the apply script checks every entry at or below the
+   mark is still there (``apply_batch.lua``).
 2. keys: SCAN over every primary (redis-py's Cluster ``scan_iter`` visits each one until
    its cursor returns to 0) for the keys named for the tenant: its memories' keys
    (``m:{p}:<tenant>/...``), its indexes (``tenant``, ``resource``, ``wf``, ``ended``)
@@ -17,7 +21,8 @@ pipeline of single-key commands, which a Cluster client splits by node):
    of the tenant's memories (``<tenant>/``) though their entry is already gone.
 
 Partition-wide keys (configuration, membership, leases and fences, attempts, held
-markers, sequence and generation counters) hold no tenant data and are never touched.
+markers, sequence and generation counters) hold no tenant data and are never touched,
+but for the sweep mark (the newest ingest entry id an erasure removed) in the counters.
 
 ``tenant_remnants`` reads every key and every value of the namespace and describes
 whatever still mentions the tenant: the check that an erasure left nothing behind.
@@ -27,13 +32,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from memory.ref import check_tenant
 from store.connection import RedisClient
 from store.keys import TOPIC_GROUPS, Keys, Topic
+from store.scripts import Scripts
 
 #: What a tenant name is made of (memory.ref's TENANT_PATTERN): an occurrence of the
 #: tenant counts only where none of these comes right before it.
@@ -175,9 +181,10 @@ def _glob(text: str) -> str:
 
 
 async def erase_tenant(
-    client: RedisClient, keys: Keys, tenant: str, *, partitions: int, page: int = 500
+    scripts: Scripts, keys: Keys, tenant: str, *, partitions: int, page: int = 500
 ) -> TenantErasure:
     """Remove every stream entry, key and outcome of ``tenant`` (see the module doc)."""
+    client = scripts.client
     match = TenantMatch.of(keys, tenant)
     entries: dict[Topic, int] = dict.fromkeys(Topic, 0)
     outcomes = 0
@@ -185,7 +192,7 @@ async def erase_tenant(
         (t, p) for t in (Topic.INGEST, Topic.CHANGES, Topic.FLUSH) for p in range(partitions)
     ]
     for topic, p in [*streams, (Topic.LIFECYCLE, 0)]:
-        erased, recorded = await _erase_topic(client, keys, topic, p, match, page)
+        erased, recorded = await _erase_topic(scripts, keys, topic, p, match, page)
         entries[topic] += erased
         outcomes += recorded
     letters = 0
@@ -212,28 +219,43 @@ def _selector(topic: Topic, match: TenantMatch) -> Callable[[Mapping[str, str]],
 
 
 async def _erase_topic(
-    client: RedisClient, keys: Keys, topic: Topic, p: int, match: TenantMatch, page: int
+    scripts: Scripts, keys: Keys, topic: Topic, p: int, match: TenantMatch, page: int
 ) -> tuple[int, int]:
     """The tenant's entries of one stream, then the outcomes its groups recorded for them."""
-    erased = await _erase_entries(client, keys.topic(topic, p), _selector(topic, match), page)
+
+    async def remove_marked(ids: list[str]) -> None:
+        # Removed and marked in one step, for the appender's batches in flight.
+        await scripts("erase_entries", [keys.ingest(p), keys.counters(p)], ids)
+
+    remove = remove_marked if topic is Topic.INGEST else None
+    stream = keys.topic(topic, p)
+    erased = await _erase_entries(scripts.client, stream, _selector(topic, match), page, remove)
     buckets: dict[str, list[str]] = {}
     for entry_id in erased:
         for group in TOPIC_GROUPS[topic]:
             buckets.setdefault(keys.outcomes(p, entry_id, group.value), []).append(entry_id)
-    return len(erased), await _hdel(client, buckets)
+    return len(erased), await _hdel(scripts.client, buckets)
 
 
 async def _erase_entries(
-    client: RedisClient, stream: str, select: Callable[[Mapping[str, str]], bool], page: int
+    client: RedisClient,
+    stream: str,
+    select: Callable[[Mapping[str, str]], bool],
+    page: int,
+    remove: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> list[str]:
-    """XDEL the entries of ``stream`` that ``select`` picks, reading it page by page."""
+    """XDEL (or ``remove``) the entries of ``stream`` that ``select`` picks, reading it
+    page by page."""
     erased: list[str] = []
     start = "-"
     while True:
         entries = await client.xrange(stream, min=start, max="+", count=page) or []
         ids = [str(i) for i, fields in entries if select(_strings(fields))]
         if ids:
-            await client.xdel(stream, *ids)
+            if remove is not None:
+                await remove(ids)
+            else:
+                await client.xdel(stream, *ids)
             erased += ids
         if len(entries) < page:
             return erased

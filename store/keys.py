@@ -16,7 +16,8 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:released:{p}:<group>           the fence of the last clean release
     ms:attempts:{p}:<group>           hash: entry id -> counted attempts
     ms:held:{p}:<group>               string: why the partition is held back (JSON)
-    ms:counters:{p}                   hash: seq, gen (never expire, never reused)
+    ms:counters:{p}                   hash: seq, gen (never expire, never reused); swept:
+                                      the newest ingest entry an erasure removed
     ms:pcount:{p}                     string: the partition count p belongs to ('moving'
                                       while ``memstream repartition`` runs); absent
                                       until the count is first changed

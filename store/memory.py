@@ -131,7 +131,7 @@ class ApplyBatch:
             "m": self._memory(target),
             "ev": target.event_id,
         }
-        if target.workflow and kind in ("append", "replace"):
+        if target.workflow and kind in ("append", "replace", "restore"):
             tenant = target.memory_id.split("/", 1)[0]
             op["wf"] = target.workflow
             op["w"] = self._workflow_index(tenant, target.workflow)
@@ -154,6 +154,19 @@ class ApplyBatch:
         """Replace the whole memory (a new generation) with ``messages``."""
         self._memory_op("replace", target)["msgs"] = [_object_text(m) for m in messages]
         self.size += sum(len(m) for m in messages)
+
+    def touches(self, memory_id: str) -> bool:
+        """Whether an op of this batch changes the memory already."""
+        index = self._mem_index.get(memory_id)
+        return index is not None and any(op.get("m") == index for op in self.ops)
+
+    def restore(self, target: Target, backup_id: str) -> None:
+        """Replace the memory with its backup ``backup_id`` (a new generation), if that is
+        its latest backup and still kept. The script decides it from the stored backup,
+        so it must be the first op of its memory in the batch (start a new batch)."""
+        if self.touches(target.memory_id):
+            raise ValueError("a restore must be the first op of its memory in a batch")
+        self._memory_op("restore", target)["bk"] = backup_id
 
     def command(
         self,

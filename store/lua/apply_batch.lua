@@ -1,15 +1,17 @@
 -- apply_batch: the appender's one fenced step per batch (DESIGN rule 4).
 -- Checks the lease, decides every entry before the first write, then applies the
--- entries in order: appends, clears, replaces, deletes, flush requests (forwarded to
--- flush:{p}), dead letters; advances each memory's watermark, writes change events,
--- records outcomes and acknowledges every entry it was given.
+-- entries in order: appends, clears, replaces, deletes, restores of a backup, erases,
+-- flush requests (forwarded to flush:{p}), dead letters; advances each memory's
+-- watermark, writes change events, records outcomes and acknowledges every entry it was
+-- given.
 --
 -- KEYS[1] lease     the partition's appender lease
 -- KEYS[2] ingest    ingest:{p}
 -- KEYS[3] changes   changes:{p}
 -- KEYS[4] dlq       dlq:{p}
 -- KEYS[5] flush     flush:{p}
--- KEYS[6] counters  hash: seq, gen (never expire, never reused)
+-- KEYS[6] counters  hash: seq, gen (never expire, never reused); swept (the newest
+--                   ingest entry id an erasure removed: erase_entries.lua)
 -- KEYS[7] attempts  hash: entry id -> counted attempts
 -- KEYS[8 .. 7+B]    outcome buckets
 -- KEYS[8+B .. 7+B+X] index keys, referred to by number (1..X) from ops and mems: a
@@ -26,9 +28,13 @@
 --                      msgs? (message JSON texts), fields? (flush request fields),
 --                      reason?, detail?, letter? (dead letter fields),
 --                      lev? (the event text a dead letter of this op keeps)}
---                     k: append | clear | replace | delete | flush | erase | dlq | drop |
---                     erased | ended (erase: seq, the message to erase)
---                     append, replace: wf? (the writing workflow), w? (its index key)
+--                     k: append | clear | replace | delete | flush | erase | restore | dlq |
+--                     drop | erased | ended (erase: seq, the message to erase)
+--                     restore: bk (the backup's id, the entry id of the clear that made
+--                     it); the first op of its memory in a call (it is decided from the
+--                     stored backup)
+--                     append, replace, restore: wf? (the writing workflow), w? (its index
+--                     key)
 --                     delete: ws? ({workflow id: index key} of the memory's writers)
 --                     ended: wf, w, e (the ended key), ms (memories the workflow wrote),
 --                     more? (more memories than one call takes: left pending); always
@@ -47,7 +53,8 @@
 -- Returns {'stale'} (nothing changed) or {'ok', statuses, reasons}: the reason of each
 -- refused op ('' for the others), and one status per op: applied, duplicate,
 -- skipped (settled before: at or below the watermark, or no longer pending), refused,
--- erased, partial (an ended op with more to do: not acknowledged) per op. Outcomes are written once (HSETNX): a later run never overwrites them.
+-- erased (the op's entry is no longer in the stream: an erasure removed it after the
+-- caller read it), partial (an ended op with more to do: not acknowledged) per op. Outcomes are written once (HSETNX): a later run never overwrites them.
 local lease, ingest, changes, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local flush, counters, attempts = KEYS[5], KEYS[6], KEYS[7]
 local value, group, nb = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -60,6 +67,22 @@ if rcall('GET', lease) ~= value then
 end
 
 local now = now_ms()
+
+-- An entry an erasure removed after the caller read it (erase-tenant removes a tenant's
+-- entries, then its keys) is settled as erased, never applied: applying it would bring
+-- back what the erasure removed. Only entries at or below the sweep mark (the newest
+-- entry an erasure removed, raised in the same step) can be gone, so a batch pays one
+-- HGET unless an erasure ran since its entries were published.
+local swept = rcall('HGET', counters, 'swept')
+if swept then
+  for _, op in ipairs(ops) do
+    if op.k ~= 'erased' and idcmp(op.id, swept) <= 0
+        and #rcall('XRANGE', ingest, op.id, op.id) == 0 then
+      op.k = 'erased'
+    end
+  end
+end
+
 -- A replay is safe only while both its idempotency key and the memory's last reset are
 -- still remembered.
 local replay_ms = math.min(idem_ms, tomb_ms)
@@ -93,6 +116,23 @@ local function key_seen(s, m, key)
   return expiry ~= false and tonumber(expiry) > now
 end
 
+-- Why a restore of backup `id` cannot be applied (nil if it can): only the memory's
+-- latest backup (the tombstone's `backup`), while it is kept, is brought back.
+local function restore_refusal(m, id)
+  local mid = mems[m].id
+  local latest = rcall('HGET', mkey(m, TOMB), 'backup')
+  if latest and latest ~= id then
+    return 'backup_not_latest', 'backup ' .. id .. ' of ' .. mid .. ' is not its latest (' ..
+      latest .. '): only the latest backup can be restored'
+  end
+  if not latest or rcall('EXISTS', mkey(m, BACKUP)) == 0 then
+    return 'backup_gone', 'no backup ' .. id .. ' of ' .. mid .. ' is kept (a backup expires ' ..
+      'with the memory or after the backup TTL, a delete removes it, and one whose every ' ..
+      'message was erased is empty)'
+  end
+  return nil
+end
+
 -- Has the workflow ended (in this partition)? An end is the last op of its call, so
 -- what is stored is all there is to know.
 local function has_ended(e, wf)
@@ -117,6 +157,8 @@ for i, op in ipairs(ops) do
     d = {'erased'}
   else
     local s = load(op.m)
+    local why, detail
+    if op.k == 'restore' then why, detail = restore_refusal(op.m, op.bk) end
     if idcmp(op.id, s.wm) <= 0 then
       d = {'skipped'}
     elseif op.k == 'erase' and (type(op.seq) ~= 'number' or op.seq < 1
@@ -131,8 +173,8 @@ for i, op in ipairs(ops) do
            ' was cleared or deleted since, is no longer known'}
     elseif op.replay and idcmp(op.replay, s.reset) < 0 then
       d = {'refused', 'replay_before_reset',
-           'the replayed event ' .. op.replay .. ' precedes the last clear, replace or ' ..
-           'delete of ' .. mems[op.m].id .. ' (' .. s.reset .. ')'}
+           'the replayed event ' .. op.replay .. ' precedes the last clear, replace, ' ..
+           'restore or delete of ' .. mems[op.m].id .. ' (' .. s.reset .. ')'}
     elseif op.idem and key_seen(s, op.m, op.idem) then
       d = {'duplicate'}
       s.wm = op.id
@@ -140,16 +182,20 @@ for i, op in ipairs(ops) do
       d = {'refused', 'workflow_ended',
            'workflow ' .. op.wf .. ' has ended: its writes are refused (' .. mems[op.m].id ..
            ' is not changed)'}
+    elseif why then
+      d = {'refused', why, detail}
     elseif (op.k == 'flush' or op.k == 'erase') and not s.sim_exists then
       d = {'ignored', 'no_such_memory', 'there is no memory ' .. mems[op.m].id .. ' to ' .. op.k}
     else
       d = {'apply'}
       s.wm = op.id
       if op.idem then s.keys[op.idem] = true end
-      if op.k == 'clear' or op.k == 'replace' or op.k == 'delete' then s.reset = op.id end
+      if op.k == 'clear' or op.k == 'replace' or op.k == 'delete' or op.k == 'restore' then
+        s.reset = op.id
+      end
       if op.k == 'delete' then
         s.sim_exists = false
-      elseif op.k == 'append' or op.k == 'replace' then
+      elseif op.k == 'append' or op.k == 'replace' or op.k == 'restore' then
         s.sim_exists = true
       end
     end
@@ -310,6 +356,36 @@ local function add_message(op, s, m, text)
   return seq
 end
 
+-- Bring the memory's backup back as a new generation; the number of messages.
+-- Every message keeps its sequence: it is the same message coming back, which DESIGN
+-- rule 6 allows (it forbids giving a sequence to another message). So a restored
+-- summary's `covers` still names the messages it stands for (erasing one of them
+-- removes the summary), and an erase by the sequence a reader saw before the clear
+-- still reaches the message. Renumbering would mean rewriting every `covers` and would
+-- leave those erases pointing nowhere. No sequence collides: the generation starts
+-- empty, and later appends take new sequences from the counter, above every restored
+-- one. Only the generation in each message changes (the accountant counts a message
+-- in the generation it names); its time and entry stay. One `appended` change per
+-- message has the accountant count it, exactly as an append.
+local function restore_backup(op, s, m)
+  local found = rcall('ZRANGE', mkey(m, BACKUP), 0, -1, 'WITHSCORES')
+  local mid = mems[m].id
+  new_generation(s, m)
+  add_writer(op, s, m)
+  local n, last = 0, 0
+  for i = 1, #found, 2 do
+    local seq = found[i + 1]
+    local head, rest = string.match(found[i], '^({"seq":%d+,"gen":)%d+(,.*)$')
+    local member = head and (head .. s.gen .. rest) or found[i]
+    rcall('ZADD', mkey(m, LOG), seq, member)
+    rcall('XADD', changes, '*', 'type', 'appended', 'memory', mid, 'gen', s.gen,
+      'seq', seq, 'entry', op.id)
+    n, last = n + 1, seq
+  end
+  rcall('HSET', mkey(m, META), 'count', n, 'last_seq', last)
+  return n
+end
+
 local function dead_letter(op, reason, detail)
   local letter = op.letter
   if not letter then
@@ -459,6 +535,10 @@ for i, op in ipairs(ops) do
           'entry', op.id)
       end
       record(op, {status = 'applied', gen = s.gen, backup = backup})
+    elseif op.k == 'restore' then
+      local n = restore_backup(op, s, m)
+      record(op, {status = 'applied', gen = s.gen, backup = op.bk,
+                  detail = 'restored ' .. n .. ' message(s) of backup ' .. op.bk})
     elseif op.k == 'delete' then
       if s.exists then delete_memory(op, s, m, op.ws, 'deleted') end
       record(op, {status = 'applied', gen = s.gen})

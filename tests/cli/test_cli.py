@@ -865,8 +865,12 @@ def test_clear_with_a_backup_and_restore(service: Cli, tmp_path: Path) -> None:
     assert restored.code == 0 and "restore: 1 applied" in restored.out, restored.err
     contents = [m["content"] for m in service("read", ref, "--json").json()["messages"]]
     assert contents == ["one", "two"]
-    missing = service("restore", ref, "1-0")
-    assert missing.code == 2 and "no backup 1-0" in missing.err
+    # Decided in the memory's partition: only its latest backup comes back.
+    stale = service("restore", ref, "1-0")
+    assert stale.code == 3 and "refused: backup_not_latest" in stale.err, stale.err
+    assert f"backup 1-0 of {ref} is not its latest ({backup})" in stale.err
+    invalid = service("restore", ref, "latest")
+    assert invalid.code == 2 and "not a backup id" in invalid.err
 
 
 def test_erase_one_message(service: Cli, tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ async def test_bad_events_are_dead_lettered_and_the_partition_keeps_flowing(rig:
 async def test_a_newer_schema_version_holds_the_partition_and_is_reported(rig: Rig) -> None:
     rig.start("w1")
     p = partition_for(REF.memory_id, PARTITIONS)
-    newer = await xadd(rig, REF, raw_event(REF, "from the future", schema_version=4))
+    newer = await xadd(rig, REF, raw_event(REF, "from the future", schema_version=5))
     after = await xadd(rig, REF, raw_event(REF, "after"))
     held_key = rig.keys.held(p, Group.APPENDER)
     await rig.eventually(lambda: rig.client.exists(held_key), what="the hold report")

@@ -77,7 +77,7 @@ async def test_replaying_a_refused_replay_never_resurrects_a_deleted_memory(rig:
 
 
 async def test_a_held_entry_is_not_charged_for_handovers(rig: Rig) -> None:
-    newer = await add(rig, {"event": json.dumps(raw_event(REF, "future", schema_version=4))})
+    newer = await add(rig, {"event": json.dumps(raw_event(REF, "future", schema_version=5))})
     after = await add(rig, {"event": json.dumps(raw_event(REF, "after"))})
     held_key = rig.keys.held(P, Group.APPENDER)
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from events.envelope import SCHEMA_VERSION
 from memory import MemoryRef, partition_for
 from store import Group
 from tests.runtime.conftest import PARTITIONS, Rig
@@ -70,7 +71,9 @@ async def test_a_plausible_newer_schema_still_holds_the_partition(rig: Rig) -> N
     rig.start("w1")
     ingest = rig.keys.ingest(P)
     newer = str(
-        await rig.client.xadd(ingest, {"event": json.dumps(raw_event(REF, "x", schema_version=4))})
+        await rig.client.xadd(
+            ingest, {"event": json.dumps(raw_event(REF, "x", schema_version=SCHEMA_VERSION + 1))}
+        )
     )
     held = rig.keys.held(P, Group.APPENDER)
     await rig.eventually(lambda: rig.client.get(held), what="the partition held")

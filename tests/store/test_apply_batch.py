@@ -240,3 +240,64 @@ async def test_a_flush_request_is_forwarded_only_for_an_existing_memory(
     assert len(requests) == 1
     assert requests[0][1]["memory"] == MEM and requests[0][1]["strategy"] == "fifo"
     assert await client.xlen(keys.dlq(P)) == 0
+
+
+async def test_a_restore_brings_the_backup_back_under_its_sequences_in_a_new_generation(
+    setup: tuple[MemoryStore, Lease], client: RedisClient, keys: Keys
+) -> None:
+    store, lease = setup
+    ids = await publish(client, keys, 5)
+    batch = ApplyBatch(keys, P)
+    batch.append(target(ids[0]), msg("a"))
+    batch.append(target(ids[1]), msg("b"))
+    batch.command("clear", target(ids[2]), backup=True)
+    batch.append(target(ids[3]), msg("after the clear"))
+    # Decided from the stored backup: never after another op of its memory in a call.
+    with pytest.raises(ValueError, match="first op of its memory"):
+        batch.restore(target(ids[4]), ids[2])
+    assert await store.apply(lease, batch) == ["applied"] * 4
+    k = keys.memory(P, MEM)
+    backed_up = await client.zrange(k.backup, 0, -1, withscores=True)
+    seen = len(await client.xrange(keys.changes(P)))
+    restore = ApplyBatch(keys, P)
+    restore.restore(target(ids[4]), ids[2])
+    restore.append(target(str(await client.xadd(keys.ingest(P), {"event": "{}"}))), msg("c"))
+    await client.xreadgroup(Group.APPENDER.value, "w1", {keys.ingest(P): ">"})
+    assert await store.apply(lease, restore) == ["applied", "applied"]
+    gen = int(await client.hget(k.meta, "gen"))
+    stored = [json.loads(m) for m in await client.zrange(k.log, 0, -1)]
+    assert [m["content"] for m in stored] == ["a", "b", "c"]
+    assert [m["seq"] for m in stored[:2]] == [int(s) for _, s in backed_up] == [1, 2]
+    assert stored[2]["seq"] == 4 and {m["gen"] for m in stored} == {gen}
+    assert [m["entry"] for m in stored] == [ids[0], ids[1], stored[2]["entry"]]
+    assert await client.hget(k.meta, "count") == "3"
+    assert await client.hget(k.tomb, "reset") == ids[4]
+    changes = [f for _, f in (await client.xrange(keys.changes(P)))[seen:]]
+    assert [(f["type"], f["seq"], f["gen"]) for f in changes] == [
+        ("appended", "1", str(gen)),
+        ("appended", "2", str(gen)),
+        ("appended", "4", str(gen)),
+    ]
+
+
+async def test_entries_an_erasure_removed_after_they_were_read_are_settled_as_erased(
+    setup: tuple[MemoryStore, Lease], client: RedisClient, scripts: Scripts, keys: Keys
+) -> None:
+    store, lease = setup
+    ids = await publish(client, keys, 4)
+    marked = [keys.ingest(P), keys.counters(P)]
+    # erase_entries removes and raises the sweep mark in one step; the mark only grows.
+    assert await scripts("erase_entries", marked, [ids[2]]) == 1
+    assert await scripts("erase_entries", marked, [ids[1]]) == 1
+    assert await client.hget(keys.counters(P), "swept") == ids[2]
+    batch = ApplyBatch(keys, P)
+    for i, entry_id in enumerate(ids):
+        batch.append(target(entry_id), msg(f"m{i}"))
+    # Entries at or below the mark are looked up: the ones still there are applied.
+    assert await store.apply(lease, batch) == ["applied", "erased", "erased", "applied"]
+    assert await contents(client, keys) == ["m0", "m3"]
+    pending = await client.xpending(keys.ingest(P), Group.APPENDER.value)
+    assert pending["pending"] == 0
+    reader = MemoryReader(client, scripts, keys)
+    outcome = await reader.outcome(P, ids[1])
+    assert outcome is not None and outcome.status == "erased" and outcome.event_id == f"ev-{ids[1]}"

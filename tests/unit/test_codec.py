@@ -29,10 +29,12 @@ from events import (
     MemoryName,
     MemoryPayload,
     MemoryReplaced,
+    MemoryRestored,
     MessageAppended,
     MessageErased,
     NewerSchemaError,
     ReplacePayload,
+    RestorePayload,
     TerminatedPayload,
     WorkflowEnded,
     WorkflowPayload,
@@ -89,6 +91,10 @@ def every_event() -> list[AnyEvent]:
         MemoryCleared(tenant="acme", payload=ClearPayload(memory=NAME, backup=True)),
         MemoryDeleted(tenant="acme", payload=MemoryPayload(memory=NAME)),
         MessageErased(tenant="acme", payload=ErasePayload(memory=NAME, seq=7)),
+        MemoryRestored(
+            tenant="acme",
+            payload=RestorePayload(memory=NAME, workflow_id="wf-1", backup_id="1700000000000-3"),
+        ),
         MemoryReplaced(
             tenant="acme",
             payload=ReplacePayload(
@@ -116,7 +122,7 @@ def every_event() -> list[AnyEvent]:
 def appended(**changes: Any) -> dict[str, Any]:
     """A valid message.appended event as JSON data, with top-level changes."""
     data: dict[str, Any] = {
-        "schema_version": 3,
+        "schema_version": 4,
         "event_id": "ev-1",
         "tenant": "acme",
         "type": "message.appended",
@@ -396,7 +402,7 @@ def test_version_1_memory_id_is_upgraded_to_a_version_2_memory_name() -> None:
     decoded = decode(fields(v1()))
     event = decoded.event
     assert isinstance(event, MessageAppended)
-    assert event.schema_version == 3
+    assert event.schema_version == 4
     assert event.payload.memory == NAME
     assert event.ref.memory_id == "acme/customer-support/support-123"
     assert event.event_id == "ev-1"
@@ -412,7 +418,7 @@ def test_version_1_lifecycle_events_are_upgraded_as_they_are() -> None:
     }
     event = decode(fields(data)).event
     assert isinstance(event, WorkflowTerminated)
-    assert event.schema_version == 3
+    assert event.schema_version == 4
     assert event.payload.status is WorkflowStatus.COMPLETED
 
 
@@ -498,9 +504,20 @@ def test_an_event_written_by_hand_validates_against_the_schema() -> None:
     VALIDATOR.validate(appended())
 
 
-def test_a_version_2_event_is_read_as_version_3() -> None:
-    event = decode(fields(appended(schema_version=2))).event
-    assert isinstance(event, MessageAppended) and event.schema_version == 3
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_version_2_or_3_event_is_read_as_version_4(version: int) -> None:
+    event = decode(fields(appended(schema_version=version))).event
+    assert isinstance(event, MessageAppended) and event.schema_version == 4
+
+
+@pytest.mark.parametrize("backup_id", ["", "latest", "1-", "-1", "1-0-0", " 1-0"])
+def test_a_restore_names_its_backup_by_a_stream_id(backup_id: str) -> None:
+    data = appended(
+        type="memory.restored",
+        payload={"memory": {"resource": "r", "key": "k"}, "backup_id": backup_id},
+    )
+    assert reason_of(fields(data)) == "invalid"
+    assert not VALIDATOR.is_valid(data)
 
 
 def _without(path: tuple[str, ...]) -> dict[str, Any]:
@@ -526,7 +543,7 @@ def _with_message(**message: Any) -> dict[str, Any]:
 
 REFUSED_BY_BOTH = {
     "unknown type": appended(type="message.deleted"),
-    "newer version": appended(schema_version=4),
+    "newer version": appended(schema_version=5),
     "unknown field": appended(unexpected=1),
     "partitions 0": appended(partitions=0),
     "empty event id": appended(event_id=""),
