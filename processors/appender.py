@@ -213,7 +213,7 @@ class Appender:
                 detail=policy.redact_text(e.detail),
                 event=policy.redact_event(raw),
                 source=source,
-                event_id=policy.redact_text(printable(e.event_id)),
+                event_id=printable(e.event_id),  # the producer matches its outcome by it
                 replay_of=replay.get("replay_of"),
                 replay_key=replay.get("replay_key"),
             )
@@ -252,7 +252,7 @@ class Appender:
                 event=policy.redact_event(decoded.text),
                 source=source,
                 memory_id=policy.redact_text(memory_id) if memory_id else None,
-                event_id=policy.redact_text(event.event_id),
+                event_id=event.event_id,  # the producer matches its outcome by it
                 replay_of=decoded.replay_of,
                 replay_key=decoded.idempotency_key,
             )
