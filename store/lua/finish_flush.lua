@@ -22,8 +22,9 @@
 -- ARGV[3] args      JSON {memory, gen, entries: [ids to acknowledge], requests: [their
 --                   request ids], rearm (a new request id), limits: {tokens?, messages?,
 --                   threshold}, plan?: {strategy, remove: [seqs], summarize: [seqs],
---                   entries: {seq: the entry id that wrote it}, summary? (message JSON
---                   text), summary_tokens?, position?, entry (the request's entry id)},
+--                   digests: {seq: SHA-1 hex of the stored message the plan saw, as
+--                   flush_snapshot gives it}, summary? (message JSON text),
+--                   summary_tokens?, position?, entry (the request's entry id)},
 --                   note? (what a plan-less end records: at_target, dry_run, ...),
 --                   plan_text? (the plan's JSON, kept with the note: a dry run's plan),
 --                   letter? (flat dead letter fields)}
@@ -52,13 +53,13 @@ else
     local seqs = {}
     for _, s in ipairs(plan.remove) do seqs[#seqs + 1] = s end
     for _, s in ipairs(plan.summarize or {}) do seqs[#seqs + 1] = s end
-    -- Every planned message is still there, and is the message that was planned (by
-    -- the entry that wrote it: a summary that took a sequence over has another).
+    -- Every planned message is still there, and is the very message that was planned:
+    -- the whole stored text, by its digest (a summary that took a sequence over may
+    -- carry the same entry id, for a flush entry id can equal an ingest entry id).
     for _, s in ipairs(seqs) do
       local found = rcall('ZRANGEBYSCORE', log, s, s)
       if #found ~= 1 then return {'changed'} end
-      local entry = string.match(found[1], '^{"seq":%d+,"gen":%d+,"at":%d+,"entry":"([^"]*)"')
-      if entry ~= plan.entries[tostring(s)] then return {'changed'} end
+      if redis.sha1hex(found[1]) ~= plan.digests[tostring(s)] then return {'changed'} end
     end
     -- The summary takes over the sequence of the newest message it folds: that message
     -- goes last, after the summary is in, so the log never empties on the way (Redis
