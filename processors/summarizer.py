@@ -422,13 +422,12 @@ class Summarizer:
                 stored | {"seq": 0, "gen": 0, "at": 0, "entry": entry}
             ).model_dump_json(exclude_none=True, exclude_defaults=True, include=set(stored))
             summary_tokens = counter.message(message)
-        by_seq = {m.seq: m for m in snapshot.messages}
         return Change(
             strategy=plan.strategy.value,
             entry=entry,
             remove=plan.remove,
             summarize=plan.summarize,
-            entries={seq: by_seq[seq].entry for seq in plan.seqs},
+            digests={seq: snapshot.digests[seq] for seq in plan.seqs},
             summary=summary_json,
             summary_tokens=summary_tokens,
         )

@@ -23,6 +23,7 @@ class Snapshot:
     exists: bool
     gen: int = 0
     messages: list[StoredMessage] = field(default_factory=list)
+    digests: dict[int, str] = field(default_factory=dict)  # seq -> SHA-1 of the stored text
     counts: dict[int, int] = field(default_factory=dict)  # seq -> stored token count
     last_used: dict[int, int] = field(default_factory=dict)  # seq -> ms
     uses: dict[int, int] = field(default_factory=dict)  # seq -> reads into a context
@@ -48,7 +49,9 @@ class Change:
     entry: str  # the flush request's entry id (the summary's origin)
     remove: Sequence[int] = ()
     summarize: Sequence[int] = ()
-    entries: Mapping[int, str] = field(default_factory=dict)  # seq -> the entry that wrote it
+    # seq -> the digest of the stored message the plan saw (``Snapshot.digests``): the
+    # plan applies only if each is still exactly that message
+    digests: Mapping[int, str] = field(default_factory=dict)
     summary: str | None = None  # the summary message's JSON (role, content, covers)
     summary_tokens: int = 0
 
@@ -76,7 +79,7 @@ class Flushes:
 
     async def snapshot(self, partition: int, memory_id: str) -> Snapshot:
         k = self._keys.memory(partition, memory_id)
-        meta_flat, texts, tok_flat = await self._scripts(
+        meta_flat, texts, tok_flat, digests = await self._scripts(
             "flush_snapshot", [k.log, k.meta, k.tok], []
         )
         meta = _flat(meta_flat)
@@ -92,11 +95,13 @@ class Flushes:
                 last_used[int(name[2:])] = int(value)
             elif name.startswith("f:"):
                 uses[int(name[2:])] = int(value)
+        messages = [StoredMessage.model_validate_json(t) for t in texts]
         return Snapshot(
             memory_id,
             exists=True,
             gen=int(meta.get("gen") or 0),
-            messages=[StoredMessage.model_validate_json(t) for t in texts],
+            messages=messages,
+            digests={m.seq: str(d) for m, d in zip(messages, digests, strict=True)},
             counts=counts,
             last_used=last_used,
             uses=uses,
@@ -142,7 +147,7 @@ class Flushes:
                 "entry": change.entry,
                 "remove": list(change.remove),
                 "summarize": list(change.summarize),
-                "entries": {str(seq): entry for seq, entry in change.entries.items()},
+                "digests": {str(seq): digest for seq, digest in change.digests.items()},
                 **(
                     {
                         "summary": change.summary,

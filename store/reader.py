@@ -151,6 +151,8 @@ class MemoryReader:
         one consistent snapshot: a replace or clear is seen whole or not at all. With
         ``touch``, the messages are being read into a context window: their use is
         recorded, in the same round trip, for the ``lru`` and ``lfu`` flush strategies.
+        A memory whose meta hash is gone (expired, deleted) reads as no memory, with no
+        messages, even if another of its keys is left.
 
         Paginating: pass the first page's ``generation`` with every later page; a page
         of another generation raises GenerationChangedError instead of mixing two
@@ -172,6 +174,8 @@ class MemoryReader:
         )
         meta = dict(zip(meta_flat[::2], meta_flat[1::2], strict=True))
         tomb = dict(zip(tomb_flat[::2], tomb_flat[1::2], strict=True))
+        if not meta:  # no meta, no memory: whatever other key of it is left
+            texts, counts = [], []
         found = int(meta.get("gen") or tomb.get("gen") or 0)
         if generation is not None and found != generation:
             raise GenerationChangedError(ref.memory_id, generation, found)
@@ -244,7 +248,7 @@ class MemoryReader:
 
     async def _touch(self, partition: int, ref: MemoryRef, seqs: list[int]) -> None:
         k = self._keys.memory(partition, ref.memory_id)
-        await self._scripts("touch_messages", [k.tok, k.log], seqs)
+        await self._scripts("touch_messages", [k.tok, k.log, k.meta], seqs)
 
     async def outcome(
         self, partition: int, entry_id: str, *, group: Group = Group.APPENDER

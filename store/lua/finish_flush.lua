@@ -3,10 +3,12 @@
 -- message is still there, and returns {'changed'} without writing anything otherwise
 -- (the caller plans again from a fresh snapshot). Then it removes the planned messages,
 -- subtracting their stored counts, writes the summary (with its count, at the position
--- of the newest message it replaces, taking over that sequence), and records the flush
--- for health. Every end (applied, nothing to do, stale, given up, dead-lettered) clears
--- the memory's flush mark if one of these requests set it, acknowledges the requests,
--- and re-arms: a memory still at or over its threshold gets a new flush request only if
+-- of the newest message it replaces, taking over that sequence, before that message
+-- goes: the memory's keys never empty, so none is recreated without its deadline), and
+-- records the flush for health.
+-- Every end (applied, nothing to do, stale, given up, dead-lettered) clears the
+-- memory's flush mark if one of these requests set it, acknowledges the requests, and
+-- re-arms: a memory still at or over its threshold gets a new flush request only if
 -- this flush removed something; when nothing could go it is flagged
 -- over_budget_protected (for health), and an attempt that ended in error re-arms
 -- nothing (the next count of the accountant trips the threshold again).
@@ -20,8 +22,9 @@
 -- ARGV[3] args      JSON {memory, gen, entries: [ids to acknowledge], requests: [their
 --                   request ids], rearm (a new request id), limits: {tokens?, messages?,
 --                   threshold}, plan?: {strategy, remove: [seqs], summarize: [seqs],
---                   entries: {seq: the entry id that wrote it}, summary? (message JSON
---                   text), summary_tokens?, position?, entry (the request's entry id)},
+--                   digests: {seq: SHA-1 hex of the stored message the plan saw, as
+--                   flush_snapshot gives it}, summary? (message JSON text),
+--                   summary_tokens?, position?, entry (the request's entry id)},
 --                   note? (what a plan-less end records: at_target, dry_run, ...),
 --                   plan_text? (the plan's JSON, kept with the note: a dry run's plan),
 --                   letter? (flat dead letter fields)}
@@ -50,20 +53,29 @@ else
     local seqs = {}
     for _, s in ipairs(plan.remove) do seqs[#seqs + 1] = s end
     for _, s in ipairs(plan.summarize or {}) do seqs[#seqs + 1] = s end
-    -- Every planned message is still there, and is the message that was planned (by
-    -- the entry that wrote it: a summary that took a sequence over has another).
+    -- Every planned message is still there, and is the very message that was planned:
+    -- the whole stored text, by its digest (a summary that took a sequence over may
+    -- carry the same entry id, for a flush entry id can equal an ingest entry id).
     for _, s in ipairs(seqs) do
       local found = rcall('ZRANGEBYSCORE', log, s, s)
       if #found ~= 1 then return {'changed'} end
-      local entry = string.match(found[1], '^{"seq":%d+,"gen":%d+,"at":%d+,"entry":"([^"]*)"')
-      if entry ~= plan.entries[tostring(s)] then return {'changed'} end
+      if redis.sha1hex(found[1]) ~= plan.digests[tostring(s)] then return {'changed'} end
     end
+    -- The summary takes over the sequence of the newest message it folds: that message
+    -- goes last, after the summary is in, so the log never empties on the way (Redis
+    -- would delete the key, and the ZADD make a new one without the memory's deadline:
+    -- a flush only changes keys that exist, DESIGN rule 7).
+    local position = plan.summary and plan.position
     local freed, uncounted = 0, 0
     for _, s in ipairs(seqs) do
       local t = rcall('HGET', tok, s)
       if t then freed = freed + tonumber(t) else uncounted = uncounted + 1 end
-      rcall('HDEL', tok, s, 'a:' .. s, 'f:' .. s)
-      rcall('ZREMRANGEBYSCORE', log, s, s)
+      if s == position then
+        rcall('HDEL', tok, 'a:' .. s, 'f:' .. s)
+      else
+        rcall('HDEL', tok, s, 'a:' .. s, 'f:' .. s)
+        rcall('ZREMRANGEBYSCORE', log, s, s)
+      end
     end
     -- (Never pass a negated zero: Lua formats it "-0", which HINCRBY refuses.)
     if freed > 0 then rcall('HINCRBY', meta, 'tokens', 0 - freed) end
@@ -71,10 +83,12 @@ else
     rcall('HINCRBY', meta, 'count', 0 - #seqs)
     local added = 0
     if plan.summary then
-      local s = plan.position
+      local s = position
+      local replaced = rcall('ZRANGEBYSCORE', log, s, s)[1]
       local member = '{"seq":' .. s .. ',"gen":' .. gen .. ',"at":' .. now ..
         ',"entry":"' .. plan.entry .. '",' .. string.sub(plan.summary, 2)
       rcall('ZADD', log, s, member)
+      if replaced ~= member then rcall('ZREM', log, replaced) end
       rcall('HSET', tok, s, plan.summary_tokens)
       added = plan.summary_tokens
       rcall('HINCRBY', meta, 'tokens', added)

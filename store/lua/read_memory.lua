@@ -1,5 +1,7 @@
 -- read_memory: a consistent snapshot of one memory: its meta, its tombstone, a window of
--- its messages and their token counts (false where not counted yet).
+-- its messages and their token counts (false where not counted yet). The meta hash is
+-- what makes a memory: without it (the memory expired or was deleted) no message is
+-- returned and nothing is recorded, whatever other key of it is left.
 -- KEYS[1] log    zset: seq -> message JSON
 -- KEYS[2] meta   hash
 -- KEYS[3] tomb   hash
@@ -13,6 +15,10 @@
 local log, meta, tomb, tok = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, n = ARGV[1], tonumber(ARGV[2])
 
+local fields = rcall('HGETALL', meta)
+if #fields == 0 then
+  return {fields, rcall('HGETALL', tomb), {}, {}}
+end
 local messages
 if mode == 'last' then
   local newest = rcall('ZREVRANGE', log, 0, n - 1)
@@ -33,6 +39,7 @@ if #messages > 0 then
     for j = i, math.min(i + 499, #seqs) do part[#part + 1] = seqs[j] end
     for _, c in ipairs(rcall('HMGET', tok, unpack(part))) do counts[#counts + 1] = c end
   end
+  -- Only fields of a token hash that exists (it carries the memory's deadline).
   if ARGV[4] == '1' and rcall('EXISTS', tok) == 1 then
     local now = now_ms()
     for _, seq in ipairs(seqs) do
@@ -41,4 +48,4 @@ if #messages > 0 then
     end
   end
 end
-return {rcall('HGETALL', meta), rcall('HGETALL', tomb), messages, counts}
+return {fields, rcall('HGETALL', tomb), messages, counts}

@@ -92,3 +92,14 @@ async def test_a_context_read_records_the_use_of_what_it_returned(rig: Rig) -> N
     await rig.eventually(recorded, what="the use to be recorded")
     snapshot = await flushes.snapshot(p, REF.memory_id)
     assert set(snapshot.last_used) == chosen
+
+
+async def test_a_memory_whose_meta_is_gone_fills_no_context(rig: Rig) -> None:
+    rig.start("appender")
+    await _publish(rig)
+    k = rig.keys.memory(partition_for(REF.memory_id, PARTITIONS), REF.memory_id)
+    await rig.client.delete(k.meta)  # as if it had expired before the other keys
+    resource = rig.registry["customer-support"]
+    window = await rig.reader.read_context(REF, resource, TOKENIZERS.for_resource(resource))
+    assert window.messages == [] and window.tokens == 0 and not window.over_budget
+    assert not window.view.exists

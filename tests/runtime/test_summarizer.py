@@ -430,3 +430,44 @@ async def test_a_flush_failing_in_the_background_is_charged_and_dead_lettered(ri
     assert broken.calls <= 2 * rig.config.loop.max_attempts + 2
     await asyncio.sleep(1)
     assert int(await rig.client.xlen(letters)) == 1
+
+
+async def test_a_summary_of_every_message_expires_with_its_memory(rig: Rig, tmp_path: Path) -> None:
+    """A hybrid flush that folds every message empties the log (Redis deletes it) and
+    writes the summary into a new one: that key gets the memory's deadline, and once the
+    memory's meta is gone nothing of it is served, and the summary goes too."""
+    (tmp_path / "brief.yaml").write_text(
+        "resource: memory\nid: brief\nmax_tokens: 4000\npersistence: {ttl: 5s}\n"
+        "flushing: {type: hybrid_summary}\n",
+        encoding="utf-8",
+    )
+    rig.registry = ResourceRegistry.load([ROOT / "memories", tmp_path])
+    ref = MemoryRef.parse("acme/brief/all-folded")
+    rig.start("appender")
+    rig.start("summarizer", rig.summarizer())
+    # One message of ~3000 tokens: over the 2400 target, and the only one to fold.
+    await rig.publisher.append(ref, user(" ".join([WORDS] * 5)), wait=True)
+    await rig.publisher.request_flush(ref, strategy=FlushStrategy.HYBRID_SUMMARY, wait=True)
+    await rig.eventually(lambda: _flushed(rig, ref), what="the flush")
+    view = await rig.reader.read(ref)
+    assert [m.is_summary for m in view.messages] == [True]
+    k = rig.keys.memory(partition_for(ref.memory_id, PARTITIONS), ref.memory_id)
+    meta_left = int(await rig.client.pttl(k.meta))
+    for key in (k.log, k.tok):
+        left = int(await rig.client.pttl(key))
+        assert 0 < left <= meta_left + 5, f"{key}: PTTL {left}, the memory's {meta_left}"
+
+    async def meta_gone() -> bool:
+        return not await rig.client.exists(k.meta)
+
+    await rig.eventually(meta_gone, timeout=15, what="the memory to expire")
+    gone = await rig.reader.read(ref)
+    assert not gone.exists and gone.messages == [] and gone.count == 0
+    resource = rig.registry["brief"]
+    window = await rig.reader.read_context(ref, resource, TOKENIZERS.for_resource(resource))
+    assert window.messages == [] and window.tokens == 0
+
+    async def log_gone() -> bool:
+        return not await rig.client.exists(k.log)
+
+    await rig.eventually(log_gone, timeout=2, what="the summary to expire with its memory")

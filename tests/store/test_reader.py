@@ -210,6 +210,23 @@ async def test_a_cleared_memory_exists_empty_in_a_new_generation(world: World) -
     assert view.generation == 2 and view.watermark == cleared
 
 
+async def test_a_memory_whose_meta_is_gone_is_no_memory(world: World) -> None:
+    """The meta hash is what makes a memory: a log or token hash that outlived it (a key
+    whose deadline was lost) is neither served nor written to by a read."""
+    await world.append(REF, "a", "b")
+    p = partition_for(REF.memory_id, PARTITIONS)
+    k = world.keys.memory(p, REF.memory_id)
+    await world.client.delete(k.meta)
+    for kwargs in ({}, {"last": 1}, {"after": 0}, {"touch": True}):
+        view = await world.reader.read(REF, **kwargs)  # type: ignore[arg-type]
+        assert not view.exists, kwargs
+        assert (view.messages, view.token_counts, view.count, view.tokens) == ([], [], 0, 0)
+        assert view.generation == 1 and view.watermark != "0-0"  # the tombstone's
+    assert await world.scripts("touch_messages", [k.tok, k.log, k.meta], [1, 2]) == 0
+    fields = await world.client.hkeys(k.tok)
+    assert not [f for f in fields if f.startswith(("a:", "f:"))], fields
+
+
 async def test_memories_are_read_from_their_own_partition(world: World) -> None:
     refs = [MemoryRef("acme", "customer-support", f"key-{i}") for i in range(8)]
     assert len({partition_for(r.memory_id, PARTITIONS) for r in refs}) > 1
