@@ -200,9 +200,9 @@ class PrivacyPolicy(BaseModel):
         return f"{self.redact_text(key)}#{digest}"
 
 
-#: Envelope fields that are the event's own bookkeeping (numbers, ids the producer made
-#: for the event, names validated to hold no user data), and payload fields that are
-#: numbers or fixed words: a dead letter keeps them as they are.
+#: Envelope fields that are the event's own bookkeeping, and payload fields that are
+#: numbers or flags: a dead letter keeps their numbers as they are (a 13-digit time is
+#: not a phone number); their text is redacted as any other.
 _ENVELOPE_FIELDS = frozenset({"schema_version", "type", "tenant", "partitions", "published_at_ms"})
 #: An event id as the SDK makes them (a UUID, with or without dashes); any other id is
 #: the producer's text, redacted like the rest.
@@ -211,8 +211,9 @@ _PAYLOAD_FIELDS = frozenset({"partition", "seq", "status", "strategy", "dry_run"
 
 
 def _plain(value: Any) -> bool:
-    """A number, a word or a flag (not a container)."""
-    return value is None or isinstance(value, str | int | float | bool)
+    """A number or a flag: nothing a pattern should rewrite (text is redacted as any
+    other text, even in these fields)."""
+    return value is None or isinstance(value, int | float | bool)
 
 
 #: A workflow's pseudonym: see ``pseudonym``.
