@@ -71,3 +71,48 @@ async def test_the_appender_refuses_what_is_over_a_limit_into_the_dead_letters(r
     letters = await DeadLetters(rig.client, rig.scripts, rig.keys).list(p)
     assert [letter.reason for letter in letters] == ["too_large", "too_large"]
     assert [str(m.content) for m in (await rig.reader.read(REF)).messages] == ["fine"]
+
+
+def deep(levels: int) -> object:
+    value: object = "leaf"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+async def test_the_deepest_metadata_admitted_is_read_counted_and_flushed(rig: Rig) -> None:
+    from events.codec import MAX_JSON_DEPTH
+    from memory import FlushStrategy
+
+    rig.start_all()
+    ref = MemoryRef.parse("acme/customer-support/limits-deep")
+    with pytest.raises(PublishError, match=f"more than {MAX_JSON_DEPTH} deep"):
+        await rig.publisher.append(
+            ref, Message(role=Role.USER, content="x", metadata={"m": deep(MAX_JSON_DEPTH)})
+        )
+    # payload, message, metadata and the value's own level take four of the 64.
+    deepest = Message(role=Role.USER, content="x", metadata={"m": deep(MAX_JSON_DEPTH - 4)})
+    published = await rig.publisher.append(ref, deepest, wait=True)
+    assert published.outcome is not None and published.outcome.ok
+    await rig.publisher.append(ref, user("after"), wait=True)
+
+    async def counted() -> bool:
+        return (await rig.reader.read(ref)).counted == 2
+
+    await rig.eventually(counted, what="both messages counted")
+    view = await rig.reader.read(ref)
+    assert view.messages[0].metadata == {"m": deep(MAX_JSON_DEPTH - 4)}
+    flushed = await rig.publisher.request_flush(ref, strategy=FlushStrategy.FIFO, wait=True)
+    assert flushed.outcome is not None and flushed.outcome.ok
+
+    # The summarizer read and planned over it (a memory under its target keeps both).
+    def ended() -> dict[str, float]:
+        family = rig.metrics.registry.get_sample_value
+        results = ("applied", "at_target", "nothing_to_do", "failed", "dead_letter")
+        found = {
+            r: family("memstream_flushes_total", {"strategy": "fifo", "result": r}) for r in results
+        }
+        return {r: v for r, v in found.items() if v}
+
+    await rig.eventually(ended, what="the flush of the deep message to end")
+    assert set(ended()) <= {"applied", "at_target", "nothing_to_do"}, ended()
