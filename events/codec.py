@@ -77,6 +77,7 @@ class Decoded:
     text: str
     replay_of: str | None = None
     replay_key: str | None = None
+    data: dict[str, Any] | None = None  # the event's JSON as decoded (upgraded)
 
     @property
     def idempotency_key(self) -> str | None:
@@ -181,7 +182,7 @@ def _decode(fields: dict[str, str] | None, max_bytes: int) -> Decoded:
             reason, f"{where}: {first['msg']}", event_id=event_id, tenant=tenant
         ) from e
     replay_of, replay_key = _replay_fields(fields)
-    return Decoded(event, text, replay_of, replay_key)
+    return Decoded(event, text, replay_of, replay_key, data)
 
 
 def _parse(text: str, max_bytes: int) -> dict[str, Any]:

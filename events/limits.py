@@ -36,13 +36,19 @@ class RequestLimits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
-    def message_problem(self, messages: Sequence[Message]) -> str | None:
-        """Why these messages (of one event) are over a limit, or None."""
+    def message_problem(
+        self, messages: Sequence[Message], *, event_chars: int | None = None
+    ) -> str | None:
+        """Why these messages (of one event) are over a limit, or None. With
+        ``event_chars``, the length of the event's JSON text: an event whose text cannot
+        hold a message over the limit (4 bytes at most a character) is not measured."""
         if len(messages) > self.max_messages:
             return (
                 f"{len(messages)} messages, over the limit of {self.max_messages} per event "
                 f"(MEMSTREAM_MAX_MESSAGES); split the replace into a replace and appends"
             )
+        if event_chars is not None and 4 * event_chars <= self.max_message_bytes:
+            return None
         for i, message in enumerate(messages):
             size = len(message.model_dump_json(exclude_none=True).encode("utf-8"))
             if size > self.max_message_bytes:

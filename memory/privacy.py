@@ -58,6 +58,8 @@ class PrivacyPolicy(BaseModel):
         description="what replaces a match (taken literally)",
     )
     _compiled: list[Any] = PrivateAttr(default_factory=list)
+    _combined: Any = PrivateAttr(default=None)  # every pattern in one, for searching
+    _anchored: bool = PrivateAttr(default=False)
 
     @field_validator("redact_patterns")
     @classmethod
@@ -71,25 +73,61 @@ class PrivacyPolicy(BaseModel):
 
     def model_post_init(self, context: Any, /) -> None:
         self._compiled = [compile_pattern(p) for p in self.redact_patterns]
+        if self._compiled:
+            try:  # one search instead of one per pattern (two may not combine: a name twice)
+                self._combined = re2.compile(
+                    "|".join(f"(?:{p})" for p in self.redact_patterns), options=_OPTIONS
+                )
+            except re2.error:
+                self._combined = None
+            self._anchored = any(_ANCHOR.search(p) for p in self.redact_patterns)
 
     @property
     def active(self) -> bool:
         return bool(self.redact_patterns or self.non_persistable_message_types)
 
     def matches(self, text: str) -> bool:
+        if not self._compiled:
+            return False
+        try:
+            return self._search(text)
+        except UnicodeEncodeError:  # lone surrogates (bad input): searched as escapes
+            return self._search(_escaped(text))
+
+    def _search(self, text: str) -> bool:
+        if self._combined is not None:
+            return self._combined.search(text) is not None
         return any(pattern.search(text) for pattern in self._compiled)
 
     def redact_text(self, text: str) -> str:
         replacement = self.default_redaction_string
-        if not self._compiled:
+        if not self.matches(text):
             return text
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates (bad input): keep them as escapes
-            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+            text = _escaped(text)
         for pattern in self._compiled:
             text = pattern.sub(lambda _: replacement, text)  # literal, never a template
         return text
+
+    def clean(self, data: Any) -> bool:
+        """True when no pattern matches any text of ``data`` (a decoded event, or part
+        of one) that redaction would look at: its strings, keys and numbers, but the
+        envelope's numbers. Redacting it would change nothing, so it need not be: one
+        search over all its text, the common case's whole cost. The texts are searched
+        joined by line breaks: a match inside one text is a match in the join (a line
+        break is no word character, so word boundaries stay where they were), and a
+        match across two only sends the event down the full path. An anchor would not
+        match at a text's edge inside the join, so a policy with one (^, $, \\A, \\z)
+        is never taken as clean this way."""
+        if not self._compiled:
+            return True
+        if self._anchored:
+            return False
+        parts: list[str] = []
+        _texts_of_event(data, parts)
+        return not self.matches("\n".join(parts))
 
     def persists(self, message: Message) -> bool:
         """False for a message of a non-persistable type (by role or metadata type)."""
@@ -144,10 +182,15 @@ class PrivacyPolicy(BaseModel):
         carry no user data and keep the letter traceable and replayable. Text that is
         not JSON (or cannot be read as such) is redacted as text. Never raises."""
         try:
-            data = json.loads(text)
-            return json.dumps(self._redact_event_data(data), ensure_ascii=False)
+            kept = self._redact_event_data(json.loads(text))
         except Exception:  # not JSON, too deep, anything: redacted as text
             return self.redact_text(text)
+        out = json.dumps(kept, ensure_ascii=False)
+        try:
+            out.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape: kept as an escape
+            out = json.dumps(kept)
+        return out
 
     def _redact_event_data(self, data: Any) -> Any:
         if not isinstance(data, dict):
@@ -208,6 +251,52 @@ _ENVELOPE_FIELDS = frozenset({"schema_version", "type", "tenant", "partitions", 
 #: the producer's text, redacted like the rest.
 _MADE_ID = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _PAYLOAD_FIELDS = frozenset({"partition", "seq", "status", "strategy", "dry_run", "backup"})
+
+
+#: What anchors a pattern to the edges of a text (conservatively: a caret in a class too).
+_ANCHOR = re.compile(r"\^|\$|\\A|\\z")
+
+
+def _escaped(text: str) -> str:
+    """Text with lone surrogates (bad input) as backslash escapes, valid UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _texts_of_event(data: Any, parts: list[str]) -> None:
+    """The texts ``_redact_event_data`` would redact, into ``parts``."""
+    if not isinstance(data, dict):
+        _texts(data, parts)
+        return
+    for key, value in data.items():
+        parts.append(str(key))
+        if (key in _ENVELOPE_FIELDS and _plain(value)) or (
+            key == "event_id" and isinstance(value, str) and _MADE_ID.fullmatch(value)
+        ):
+            continue
+        if key == "payload" and isinstance(value, dict):
+            for k, v in value.items():
+                parts.append(str(k))
+                if not (k in _PAYLOAD_FIELDS and _plain(v)):
+                    _texts(v, parts)
+        else:
+            _texts(value, parts)
+
+
+def _texts(value: Any, parts: list[str]) -> None:
+    """Every string, key and number (as text) of a JSON value, into ``parts``; no
+    recursion, so no depth is too deep."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+        elif isinstance(item, dict):
+            parts.extend(str(k) for k in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            parts.append(str(item))
 
 
 def _plain(value: Any) -> bool:

@@ -288,7 +288,10 @@ class Appender:
                 ref.memory_id,
             )
             return
-        if policy.matches(ref.key):
+        # One search over all of the event's text: when nothing in it matches, redacting
+        # it changes nothing, and none of it needs redacting (the common case).
+        clean = decoded.data is not None and policy.clean(decoded.data)
+        if not clean and policy.matches(ref.key):
             refuse(
                 "personal_key",
                 f"the memory key matches a redaction pattern of {ref.resource}: render keys "
@@ -301,7 +304,7 @@ class Appender:
                 if isinstance(event, MessageAppended)
                 else event.payload.messages
             )
-            problem = self._limits.message_problem(messages)
+            problem = self._limits.message_problem(messages, event_chars=len(decoded.text))
             if problem:
                 refuse("too_large", problem, ref.memory_id)
                 return
@@ -314,6 +317,12 @@ class Appender:
             )
             return
         workflow = event.payload.workflow_id
+        # The entry's own text is what a letter would keep when nothing in it is redacted
+        # and no message of it is left out: then the script may read it back itself.
+        as_written = clean and (
+            not isinstance(event, MemoryReplaced)
+            or all(policy.persists(m) for m in event.payload.messages)
+        )
         target = Target(
             entry_id=entry_id,
             memory_id=ref.memory_id,
@@ -325,7 +334,7 @@ class Appender:
             # inside the apply script: its letter keeps this text (without it the script
             # keeps the entry's own text, which is what this would be without a policy).
             letter_event=policy.redact_event(decoded.text)
-            if decoded.replay_of or (workflow and policy.active)
+            if (decoded.replay_of or workflow) and not as_written
             else None,
             workflow=registry.workflow_name(workflow) if workflow else None,
             on_workflow_end=resource.cleanup.on_workflow_end.value,
@@ -336,7 +345,7 @@ class Appender:
             if ref.memory_id not in found.writers:
                 raise MissingLookupError(deleted=[ref.memory_id])
             writers = found.writers[ref.memory_id]
-        self._add(ops, target, event, policy, writers)
+        self._add(ops, target, event, None if clean else policy, writers)
 
     def _target(self, memory_id: str) -> Target:
         """A memory named by an index, with its resource's TTL and policy. A memory of a
@@ -369,20 +378,23 @@ class Appender:
         ops: ApplyBatch,
         target: Target,
         event: MemoryEvent,
-        policy: PrivacyPolicy,
+        redacting: PrivacyPolicy | None,
         writers: Sequence[str],
     ) -> None:
+        """``redacting``: the policy whose patterns match some of the event's text (None
+        when none does); its non-persistable types apply either way."""
         agent_id = event.payload.agent_id
+        resource = self.registry[target.memory_id.split("/", 2)[1]]
+        policy = resource.privacy_policy
 
         # The ids stored with each message are redacted like its text; the workflow is
         # named as everywhere else (its pseudonym when its id matches a pattern).
         shown_workflow = target.workflow
-        shown_agent = policy.redact_text(agent_id) if agent_id else None
+        shown_agent = redacting.redact_text(agent_id) if redacting and agent_id else agent_id
 
         def stored(message: Message) -> str:
-            return message_text(
-                policy.redact(message), workflow_id=shown_workflow, agent_id=shown_agent
-            )
+            kept = redacting.redact(message) if redacting else message
+            return message_text(kept, workflow_id=shown_workflow, agent_id=shown_agent)
 
         if isinstance(event, MessageAppended):
             message = event.payload.message

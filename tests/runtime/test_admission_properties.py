@@ -118,7 +118,7 @@ json_values = st.recursive(
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=30),
+    | st.text(st.characters(exclude_categories=()), max_size=30),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),
@@ -197,11 +197,14 @@ NESTED = '"__NESTED__"'
 def mutated(draw: st.DrawFn) -> str | bytes:
     event = draw(st.sampled_from(VALID))
     path = draw(st.sampled_from(paths(event)))
-    how = draw(st.sampled_from(["drop", "replace", "nest", "huge"]))
+    how = draw(st.sampled_from(["drop", "replace", "nest", "huge", "surrogate"]))
     if how == "drop":
         return json.dumps(put(event, path, None, drop=True))
     if how == "replace":
         return json.dumps(put(event, path, draw(json_values)))
+    if how == "surrogate":  # a lone UTF-16 surrogate, as a JSON escape (valid UTF-8 text)
+        lone = chr(draw(st.integers(min_value=0xD800, max_value=0xDFFF)))
+        return json.dumps(put(event, path, f"text {lone}"))
     if how == "nest":
         depth = draw(st.integers(min_value=50, max_value=3000))
         text = json.dumps(put(event, path, "__NESTED__"))
