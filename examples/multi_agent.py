@@ -48,7 +48,7 @@ async def main() -> None:
             await app.appender(registry),
             await app.accountant(registry, tokenizers),
             await app.summarizer(registry, tokenizers),
-            await app.cleanup(),
+            await app.cleanup(registry),
         ]
         stop = asyncio.Event()
         running = [asyncio.create_task(w.run(stop)) for w in workers]
