@@ -37,13 +37,17 @@ MAX_JSON_DEPTH = 64
 #: waits for it); an event claiming a later one is refused as invalid.
 MAX_VERSIONS_AHEAD = 3
 _STREAM_ID = re.compile(r"^\d+-\d+$")
+#: What a replay writes as its key (see replay_dead_letter.lua): a digest, never text.
+REPLAY_KEY = re.compile(r"[0-9a-f]{40}|dlq:\d+:\d+-\d+")
 _KNOWN_TYPES = frozenset(t.value for t in EventType)
 #: A JSON escape of a UTF-16 surrogate; only text holding one can decode to a lone one
 #: (the text itself was checked to be UTF-8, so it holds no raw surrogates).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+#: A JSON string, or what is left of the text after an unterminated one; possessive, so
+#: no input makes it backtrack (one pass, linear in the text).
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"?')
 _BRACKET = re.compile(r"[\[\]{}]")
 
 
@@ -235,6 +239,16 @@ def _version(data: dict[str, Any], event_id: str, tenant: str) -> int:
             tenant=tenant,
         )
     if version > SCHEMA_VERSION:
+        # Held for an upgrade only if it looks like an event at all: garbage claiming a
+        # newer version would hold the partition for ever.
+        envelope = (data.get("type"), data.get("tenant"), data.get("event_id"))
+        if not all(isinstance(x, str) and x for x in envelope):
+            raise DecodeError(
+                "invalid",
+                f"an event of schema version {version} must still have a type, a tenant "
+                f"and an event_id (strings)",
+                event_id=event_id,
+            )
         raise NewerSchemaError(version, SCHEMA_VERSION)
     if version < OLDEST_SUPPORTED_VERSION:
         raise DecodeError(
@@ -247,12 +261,26 @@ def _version(data: dict[str, Any], event_id: str, tenant: str) -> int:
     return version
 
 
+def well_formed_replay_fields(fields: dict[str, str]) -> dict[str, str]:
+    """The replay fields of an entry that a dead letter may keep: those of the form a
+    replay writes (a stream id, a digest); anything else is a producer's free text."""
+    kept = {}
+    of, key = fields.get("replay_of"), fields.get("replay_key")
+    if isinstance(of, str) and _STREAM_ID.match(of):
+        kept["replay_of"] = of
+    if isinstance(key, str) and REPLAY_KEY.fullmatch(key):
+        kept["replay_key"] = key
+    return kept
+
+
 def _replay_fields(fields: dict[str, str]) -> tuple[str | None, str | None]:
     replay_of, replay_key = fields.get("replay_of"), fields.get("replay_key")
     if replay_of is not None and not _STREAM_ID.match(replay_of):
         raise DecodeError("invalid", "the replay_of field must be a stream id such as 1-0")
-    if replay_key is not None and (
-        not 0 < len(replay_key) <= 200 or printable(replay_key) != replay_key
-    ):
-        raise DecodeError("invalid", "the replay_key field must be 1 to 200 UTF-8 characters")
+    if replay_key is not None and not REPLAY_KEY.fullmatch(replay_key):
+        raise DecodeError(
+            "invalid",
+            "the replay_key field must be what a replay writes: an idempotency key's SHA-1 "
+            "hex digest, or dlq:<partition>:<dead letter id>",
+        )
     return replay_of, replay_key

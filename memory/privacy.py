@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import re2  # type: ignore[import-untyped]
@@ -175,14 +175,15 @@ class PrivacyPolicy(BaseModel):
             return {self._redact_key(str(k)): self.redact_json(v) for k, v in value.items()}
         return value
 
-    def redact_event(self, text: str) -> str:
+    def redact_event(self, text: str, workflow_name: Callable[[str], str] | None = None) -> str:
         """An event's JSON text as a dead letter may keep it: non-persistable messages
         removed and everything else redacted on the decoded structure (so no escape or
         anchoring defeats a pattern), except the envelope's own numbers and ids, which
-        carry no user data and keep the letter traceable and replayable. Text that is
-        not JSON (or cannot be read as such) is redacted as text. Never raises."""
+        carry no user data and keep the letter traceable and replayable; a workflow id
+        named by ``workflow_name`` (its pseudonym, where it has one). Text that is not
+        JSON (or cannot be read as such) is redacted as text. Never raises."""
         try:
-            kept = self._redact_event_data(json.loads(text))
+            kept = self._redact_event_data(json.loads(text), workflow_name)
         except Exception:  # not JSON, too deep, anything: redacted as text
             return self.redact_text(text)
         out = json.dumps(kept, ensure_ascii=False)
@@ -192,7 +193,9 @@ class PrivacyPolicy(BaseModel):
             out = json.dumps(kept)
         return out
 
-    def _redact_event_data(self, data: Any) -> Any:
+    def _redact_event_data(
+        self, data: Any, workflow_name: Callable[[str], str] | None = None
+    ) -> Any:
         if not isinstance(data, dict):
             return self.redact_json(data)
         out: dict[str, Any] = {}
@@ -202,13 +205,18 @@ class PrivacyPolicy(BaseModel):
             ):
                 out[key] = value
             elif key == "payload" and isinstance(value, dict):
-                out[key] = self._redact_payload(value)
+                out[key] = self._redact_payload(value, workflow_name)
             else:
                 out[self._redact_key(str(key))] = self.redact_json(value)
         return out
 
-    def _redact_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _redact_payload(
+        self, payload: dict[str, Any], workflow_name: Callable[[str], str] | None
+    ) -> dict[str, Any]:
         payload = dict(payload)
+        workflow = payload.get("workflow_id")
+        if workflow_name is not None and isinstance(workflow, str):
+            payload["workflow_id"] = workflow_name(workflow)
         message = payload.get("message")
         if isinstance(message, dict) and not self._persists_raw(message):
             payload["message"] = {"removed": "non_persistable"}
@@ -219,7 +227,9 @@ class PrivacyPolicy(BaseModel):
             ]
         out: dict[str, Any] = {}
         for key, value in payload.items():
-            if key in _PAYLOAD_FIELDS and _plain(value):
+            if (key in _PAYLOAD_FIELDS and _plain(value)) or (
+                key in _PAYLOAD_IDS and isinstance(value, str) and _STREAM_ID.fullmatch(value)
+            ):
                 out[key] = value
             else:
                 out[self._redact_key(str(key))] = self.redact_json(value)
@@ -251,6 +261,9 @@ _ENVELOPE_FIELDS = frozenset({"schema_version", "type", "tenant", "partitions", 
 #: the producer's text, redacted like the rest.
 _MADE_ID = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _PAYLOAD_FIELDS = frozenset({"partition", "seq", "status", "strategy", "dry_run", "backup"})
+#: Payload fields that name a stream entry (a backup is its clear's entry id): kept.
+_PAYLOAD_IDS = frozenset({"backup_id"})
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 #: What anchors a pattern to the edges of a text (conservatively: a caret in a class too).
@@ -276,8 +289,11 @@ def _texts_of_event(data: Any, parts: list[str]) -> None:
         if key == "payload" and isinstance(value, dict):
             for k, v in value.items():
                 parts.append(str(k))
-                if not (k in _PAYLOAD_FIELDS and _plain(v)):
-                    _texts(v, parts)
+                if (k in _PAYLOAD_FIELDS and _plain(v)) or (
+                    k in _PAYLOAD_IDS and isinstance(v, str) and _STREAM_ID.fullmatch(v)
+                ):
+                    continue
+                _texts(v, parts)
         else:
             _texts(value, parts)
 
@@ -303,6 +319,15 @@ def _plain(value: Any) -> bool:
     """A number or a flag: nothing a pattern should rewrite (text is redacted as any
     other text, even in these fields)."""
     return value is None or isinstance(value, int | float | bool)
+
+
+def event_ref(event_id: str) -> str:
+    """How an outcome (and a flush request) names an event: its id when the SDK made it
+    (a UUID: no user data), else ``sha1:`` and the hex digest of the id (a producer's
+    own ids are free text)."""
+    if _MADE_ID.fullmatch(event_id):
+        return event_id
+    return "sha1:" + hashlib.sha1(event_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 #: A workflow's pseudonym: see ``pseudonym``.

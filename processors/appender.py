@@ -22,10 +22,16 @@ from events import (
     WorkflowEnded,
     decode,
 )
-from events.codec import DEFAULT_MAX_EVENT_BYTES, Decoded, printable
+from events.codec import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Decoded,
+    printable,
+    well_formed_replay_fields,
+)
 from events.envelope import MEMORY_EVENT_TYPES
 from events.limits import RequestLimits
 from memory import Message, PrivacyPolicy, ResourceRegistry, partition_for
+from memory.privacy import event_ref
 from processors.letters import letter_of, policy_for
 from processors.metrics import Metrics
 from processors.port import Batch, EntryFailedError, Handled, HoldBack
@@ -205,15 +211,15 @@ class Appender:
             decoded = decode(entry.fields, max_bytes=self._max_event_bytes)
         except DecodeError as e:
             raw = printable(fields.get("event", "")) if e.reason != "oversized" else ""
-            replay = {k: printable(fields[k]) for k in ("replay_of", "replay_key") if k in fields}
+            replay = well_formed_replay_fields(fields)
             policy = policy_for(self.registry, raw)
             ops.dead_letter(
                 entry.id,
                 reason=e.reason,
                 detail=policy.redact_text(e.detail),
-                event=policy.redact_event(raw),
+                event=policy.redact_event(raw, self.registry.workflow_name),
                 source=source,
-                event_id=printable(e.event_id),  # the producer matches its outcome by it
+                event_id=event_ref(printable(e.event_id)) if e.event_id else "",
                 replay_of=replay.get("replay_of"),
                 replay_key=replay.get("replay_key"),
             )
@@ -249,10 +255,10 @@ class Appender:
                 entry_id,
                 reason=reason,
                 detail=policy.redact_text(detail),
-                event=policy.redact_event(decoded.text),
+                event=policy.redact_event(decoded.text, registry.workflow_name),
                 source=source,
                 memory_id=policy.redact_text(memory_id) if memory_id else None,
-                event_id=event.event_id,  # the producer matches its outcome by it
+                event_id=event_ref(event.event_id),
                 replay_of=decoded.replay_of,
                 replay_key=decoded.idempotency_key,
             )
@@ -317,26 +323,33 @@ class Appender:
             )
             return
         workflow = event.payload.workflow_id
-        # The entry's own text is what a letter would keep when nothing in it is redacted
-        # and no message of it is left out: then the script may read it back itself.
-        as_written = clean and (
-            not isinstance(event, MemoryReplaced)
-            or all(policy.persists(m) for m in event.payload.messages)
+        # The entry's own text is what a letter would keep when nothing in it is redacted,
+        # no message of it is left out and its workflow needs no pseudonym: then the
+        # script may read it back itself (a refusal inside it: a replay's, a restore's, an
+        # ended workflow's write), else it is given the letter's text.
+        named = registry.workflow_name(workflow) if workflow else None
+        as_written = (
+            clean
+            and named == workflow
+            and (
+                not isinstance(event, MemoryReplaced)
+                or all(policy.persists(m) for m in event.payload.messages)
+            )
         )
         target = Target(
             entry_id=entry_id,
             memory_id=ref.memory_id,
             ttl_ms=resource.ttl_ms,
-            event_id=event.event_id,
+            event_id=event_ref(event.event_id),
             idempotency_key=decoded.idempotency_key,
             replay_of=decoded.replay_of,
             # A replay, or a write of a workflow that may have ended, may be refused
             # inside the apply script: its letter keeps this text (without it the script
             # keeps the entry's own text, which is what this would be without a policy).
-            letter_event=policy.redact_event(decoded.text)
-            if (decoded.replay_of or workflow) and not as_written
-            else None,
-            workflow=registry.workflow_name(workflow) if workflow else None,
+            letter_event=None
+            if as_written
+            else policy.redact_event(decoded.text, registry.workflow_name),
+            workflow=named,
             on_workflow_end=resource.cleanup.on_workflow_end.value,
             grace_ms=int(resource.cleanup.grace * 1000),
         )
@@ -371,7 +384,9 @@ class Appender:
         more = len(stored) > MAX_ENDED_MEMORIES
         names = set(stored[:MAX_ENDED_MEMORIES]) | ops.written_by(event.tenant, workflow)
         targets = [self._target(name) for name in sorted(names)]
-        ops.ended(Ending(entry_id, event.event_id, event.tenant, workflow, targets, more))
+        ops.ended(
+            Ending(entry_id, event_ref(event.event_id), event.tenant, workflow, targets, more)
+        )
 
     def _add(
         self,
@@ -404,7 +419,7 @@ class Appender:
                     reason="non_persistable",
                     detail=f"{target.memory_id} never stores {message.role.value} messages "
                     f"of this type (privacy_policy.non_persistable_message_types)",
-                    event_id=event.event_id,
+                    event_id=event_ref(event.event_id),
                 )
                 return
             ops.append(target, stored(message))

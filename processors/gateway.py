@@ -163,6 +163,12 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
+def _route(request: Request) -> str:
+    """The request's route template (``/v1/workflows/{workflow_id}/...``): its path may
+    name a workflow or a memory, which logs never do."""
+    return str(getattr(request.scope.get("route"), "path", "unmatched"))
+
+
 def _error(status: int, error: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
 
@@ -229,7 +235,7 @@ def _errors(api: FastAPI) -> None:
         api.add_exception_handler(kind, handler)
 
     async def unreachable(request: Request, e: Exception) -> JSONResponse:
-        log.warning("%s %s: Redis is unreachable: %s", request.method, request.url.path, e)
+        log.warning("%s %s: Redis is unreachable: %s", request.method, _route(request), e)
         return _error(503, "unavailable", UNREACHABLE)
 
     async def http_error(request: Request, e: Exception) -> JSONResponse:
@@ -241,7 +247,7 @@ def _errors(api: FastAPI) -> None:
         return reply
 
     async def internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path)
+        log.exception("%s %s failed", request.method, _route(request))
         return _error(500, "internal", "the gateway failed on this request; see its log")
 
     api.add_exception_handler(StarletteHTTPException, http_error)
@@ -277,8 +283,7 @@ def create_gateway(settings: Settings, *, start_embedded: bool = True) -> ASGIAp
     ) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
+        template = _route(request)
         metrics = request.app.state.app.metrics
         metrics.gateway_requests.labels(request.method, template, str(response.status_code)).inc()
         metrics.gateway_seconds.labels(request.method, template).observe(

@@ -42,4 +42,4 @@ def letter_of(registry: ResourceRegistry, entry: StreamEntry, detail: str) -> tu
     """The event text and the detail a dead letter of ``entry`` keeps."""
     raw = printable((entry.fields or {}).get("event", ""))
     policy = policy_for(registry, raw)
-    return policy.redact_event(raw), policy.redact_text(detail)
+    return policy.redact_event(raw, registry.workflow_name), policy.redact_text(detail)

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import click
 
 from events import WorkflowStatus
+from memory.privacy import workflow_names
 from memory.ref import check_resource_id, check_tenant
 from processors.app import App
 from processors.clitools import EXIT_REFUSED, command, settings_from
 from store import list_memories
 from store.acl import processor_rules, producer_rules, setuser
+from store.inventory import Listed
 
 
 def _when(ms: int | None) -> str:
@@ -71,17 +74,29 @@ async def workflow_event(
         sys.exit(EXIT_REFUSED)
 
 
+async def _listed(
+    app: App, tenant: str, resource: str | None, workflows: list[str | None]
+) -> AsyncIterator[Listed]:
+    for workflow in workflows:
+        async for listed in list_memories(
+            app.client, app.keys, tenant, resource=resource, workflow=workflow
+        ):
+            yield listed
+
+
 async def ls(
     tenant: str, resource: str | None, workflow: str | None, limit: int, as_json: bool
 ) -> None:
     shown = 0
     async with App(settings_from()) as app:
-        if workflow is not None:  # named as the appender names it (a pseudonym, maybe)
+        # Named as the appender names it (its pseudonym, maybe): without the resources,
+        # both names are looked for.
+        names: list[str | None] = [None]
+        if workflow is not None:
             registry = app.registry_if_present()
-            workflow = registry.workflow_name(workflow) if registry else workflow
-        async for listed in list_memories(
-            app.client, app.keys, tenant, resource=resource, workflow=workflow
-        ):
+            found = [registry.workflow_name(workflow)] if registry else workflow_names(workflow)
+            names = list(found)
+        async for listed in _listed(app, tenant, resource, names):
             if shown >= limit:
                 click.echo(f"(more: raise --limit above {limit})", err=True)
                 break

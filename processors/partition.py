@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import ResponseError
 
-from events.codec import printable
+from events.codec import printable, well_formed_replay_fields
 from processors.failures import Backoff, id_order, is_entry_fault
 from processors.metrics import Metrics
 from processors.port import (
@@ -299,11 +299,13 @@ class PartitionLoop:
         """A failure not tied to one entry: narrow to one entry at a time through the
         failed batch, then count the one that fails."""
         if len(entries) > 1:
+            # The error may quote any entry's event, and which entry's policy would redact
+            # it is not known yet: only its kind here (the text, redacted, once counted).
             log.warning(
                 "partition %d: a batch of %d failed (%s); retrying its entries one by one",
                 self._p,
                 len(entries),
-                error,
+                error.split("(", 1)[0].split(":", 1)[0],
             )
             self._narrow_through = entries[-1].id
             return
@@ -357,9 +359,7 @@ class PartitionLoop:
             "source": self._streams.stream(self._p),
             "attempts": str(attempts or entry.attempts),
         }
-        for name in ("replay_of", "replay_key"):
-            if name in fields:
-                letter[name] = printable(fields[name])
+        letter.update(well_formed_replay_fields(fields))
         settle = Settle(entry.id, "refused", reason, detail, letter=letter)
         await self._streams.settle(self._lease, [settle], self._config.outcome_ttl_ms)
         if self._held:  # it was stuck on this entry: not any more

@@ -13,6 +13,7 @@ from typing import Any
 
 from memory import MemoryRef, MemoryResource, StoredMessage, partition_for
 from memory.flush import Counted, Priorities, fit_budget
+from memory.privacy import event_ref
 from memory.tokens import TokenCounter
 from store.config import PARTITIONS_TTL, get_partitions, read_partitions
 from store.connection import RedisClient
@@ -312,7 +313,8 @@ class MemoryReader:
     @staticmethod
     def _checked(entry: tuple[int, str, str | None], found: Outcome) -> Outcome:
         partition, entry_id, event_id = entry
-        if event_id and found.event_id and found.event_id != event_id:
+        # The appender names a producer's own ids by a digest (see event_ref).
+        if event_id and found.event_id and found.event_id not in (event_id, event_ref(event_id)):
             raise OutcomeMismatchError(
                 f"entry {entry_id} of partition {partition} holds the outcome of "
                 f"event {found.event_id}, not {event_id}: Redis lost the publish; "

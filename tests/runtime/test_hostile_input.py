@@ -3,6 +3,7 @@ worker, block a partition or bring deleted data back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from memory import MemoryRef, partition_for
@@ -11,6 +12,7 @@ from tests.runtime.conftest import PARTITIONS, Rig
 from tests.runtime.test_appender_worker import raw_event
 
 REF = MemoryRef.parse("acme/customer-support/hostile")
+KEY = hashlib.sha1(b"an idempotency key").hexdigest()  # what a replay writes
 P = partition_for(REF.memory_id, PARTITIONS)
 
 
@@ -62,14 +64,14 @@ async def test_replaying_a_refused_replay_never_resurrects_a_deleted_memory(rig:
     # An operator replays the original append (as if it had been dead-lettered).
     replay = await add(
         rig,
-        {"event": json.dumps(raw_event(REF, "secret")), "replay_of": original, "replay_key": "k"},
+        {"event": json.dumps(raw_event(REF, "secret")), "replay_of": original, "replay_key": KEY},
     )
     for _ in range(3):
         outcome = await rig.reader.wait_applied(P, replay, timeout=10)
         assert (outcome.status, outcome.reason) == ("refused", "replay_before_reset")
         (letter,) = await letters.list(P)
         assert letter.fields["replay_of"] == original
-        assert letter.fields["replay_key"] == "k"
+        assert letter.fields["replay_key"] == KEY
         replay = str(await letters.replay(P, letter.id))
     await rig.reader.wait_applied(P, replay, timeout=10)
     view = await rig.reader.read(REF)
@@ -101,9 +103,23 @@ async def test_a_held_entry_is_not_charged_for_handovers(rig: Rig) -> None:
 async def test_a_replay_that_cannot_be_decoded_keeps_its_replay_fields(rig: Rig) -> None:
     rig.start("w1")
     original = "1795000000000-7"
-    bad = await add(rig, {"event": "{not json", "replay_of": original, "replay_key": "k1"})
+    bad = await add(rig, {"event": "{not json", "replay_of": original, "replay_key": KEY})
     outcome = await rig.reader.wait_applied(P, bad, timeout=10)
     assert outcome.reason == "not_json"
     letter = (await rig.client.xrange(rig.keys.dlq(P)))[0][1]
     # Replaying this letter later must still be checked against the original entry.
-    assert (letter["replay_of"], letter["replay_key"]) == (original, "k1")
+    assert (letter["replay_of"], letter["replay_key"]) == (original, KEY)
+
+
+async def test_a_replay_key_a_replay_did_not_write_is_refused_and_never_kept(rig: Rig) -> None:
+    rig.start("w1")
+    secret = "k-jane.doe@example.com"
+    fields = {"event": json.dumps(raw_event(REF, "x")), "replay_of": "1-0", "replay_key": secret}
+    bad = await add(rig, fields)
+    garbled = await add(rig, {"event": "{not json", "replay_of": "1-0", "replay_key": secret})
+    outcome = await rig.reader.wait_applied(P, bad, timeout=10)
+    assert (outcome.status, outcome.reason) == ("refused", "invalid")
+    assert "replay_key" in str(outcome.detail)
+    assert (await rig.reader.wait_applied(P, garbled, timeout=10)).reason == "not_json"
+    for _, letter in await rig.client.xrange(rig.keys.dlq(P)):
+        assert "replay_key" not in letter and letter["replay_of"] == "1-0"

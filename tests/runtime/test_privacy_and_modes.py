@@ -250,7 +250,7 @@ async def test_a_refused_replay_keeps_only_the_redacted_event(rig: Rig) -> None:
     event = appended(INTAKE, user(f"ssn {SSN}")).model_dump_json(exclude_none=True)
     entry = str(
         await rig.client.xadd(
-            rig.keys.ingest(p), {"event": event, "replay_of": "1-0", "replay_key": "k"}
+            rig.keys.ingest(p), {"event": event, "replay_of": "1-0", "replay_key": "0" * 40}
         )
     )
     outcome = await rig.reader.wait_applied(p, entry, timeout=10)

@@ -33,6 +33,7 @@ EMAIL = "jane.doe@example.com"
 SSN = "123-45-6789"
 SECRETS = (EMAIL, SSN, "jane.doe", "45-6789")
 INTAKE = MemoryRef.parse("acme/patient-intake/visit-9")
+PREFS = MemoryRef.parse("acme/user-preferences/u-9")  # a resource that redacts nothing
 SUPPORT = MemoryRef.parse("acme/customer-support/case-9")
 WORKFLOW = f"intake-{EMAIL}"
 TEXT = f"my SSN is {SSN}, write to {EMAIL}"
@@ -87,10 +88,36 @@ async def workflow_paths(rig: Rig, seen: dict[str, str]) -> None:
     restored = await rig.publisher.restore(INTAKE, cleared.outcome.backup, wait=True)
     assert restored.outcome is not None
     seen["restore"] = f"{restored.outcome.status}:{restored.outcome.reason}"
+    # A resource without patterns, written by the same workflow: its id needs its
+    # pseudonym there too (workflows span resources).
+    p_prefs = partition_for(PREFS.memory_id, PARTITIONS)
+    prefs = event_of(PREFS, text="likes tea", workflow_id=WORKFLOW)
+    seen["prefs"] = await settled(rig, p_prefs, await xadd(rig, rig.keys.ingest(p_prefs), prefs))
     ended = await rig.publisher.workflow_terminated("acme", WORKFLOW, wait=True)
     assert ended.outcome is not None and ended.outcome.ok
     late = event_of(INTAKE, text=f"late {TEXT}", workflow_id=WORKFLOW)
     seen["late"] = await settled(rig, p, await xadd(rig, ingest, late))
+    late_prefs = event_of(PREFS, text="late tea", workflow_id=WORKFLOW)
+    seen["late_prefs"] = await settled(
+        rig, p_prefs, await xadd(rig, rig.keys.ingest(p_prefs), late_prefs)
+    )
+    # A restore refused inside the script (not the latest backup), with secrets in ids.
+    gone = {
+        **event_of(INTAKE, agent_id=f"agent-{EMAIL}"),
+        "type": "memory.restored",
+        "idempotency_key": f"restore-for-{EMAIL}",
+        "event_id": f"evt-{EMAIL}",
+    }
+    gone["payload"] = {
+        "memory": {"resource": INTAKE.resource, "key": INTAKE.key},
+        "backup_id": "1-0",
+        "agent_id": f"agent-{EMAIL}",
+    }
+    seen["restore_gone"] = await settled(rig, p, await xadd(rig, ingest, gone))
+    # An applied event whose own ids hold the secret (outcome, idempotency set).
+    ids = {**event_of(INTAKE, text="hello", agent_id=f"agent-{EMAIL}")}
+    ids["event_id"], ids["idempotency_key"] = f"evt2-{EMAIL}", f"k-{EMAIL}"
+    seen["ids"] = await settled(rig, p, await xadd(rig, ingest, ids))
 
 
 async def refusal_paths(rig: Rig, seen: dict[str, str]) -> None:
@@ -121,6 +148,10 @@ async def refusal_paths(rig: Rig, seen: dict[str, str]) -> None:
     newer_type["type"] = f"message.{EMAIL}"
     await refused("unknown_type", INTAKE, newer_type)
     await refused("failing", INTAKE, event_of(INTAKE, text=f"explode {TEXT}"))
+    # A failing entry read in a batch with others: the batch's failure is logged first.
+    batch = [event_of(INTAKE, text=f"explode again {TEXT}"), event_of(INTAKE, text="fine")]
+    written = [await xadd(rig, ingest(p), e) for e in batch]
+    seen["failing_batch"] = await settled(rig, p, written[0])
 
 
 async def lifecycle_and_replay_paths(rig: Rig, seen: dict[str, str]) -> None:
@@ -161,7 +192,11 @@ async def test_a_secret_reaches_no_key_no_value_no_stream_no_metric_and_no_log(
     assert seen == {
         "append": "applied:None",
         "restore": "applied:None",
+        "prefs": "applied:None",
         "late": "refused:workflow_ended",
+        "late_prefs": "refused:workflow_ended",
+        "restore_gone": "refused:backup_not_latest",
+        "ids": "applied:None",
         "read_only": "refused:read_only",
         "misrouted": "refused:misrouted",
         "too_large": "refused:too_large",
@@ -171,6 +206,7 @@ async def test_a_secret_reaches_no_key_no_value_no_stream_no_metric_and_no_log(
         "not_json": "refused:not_json",
         "unknown_type": "refused:unknown_type",
         "failing": "refused:failed",
+        "failing_batch": "refused:failed",
         "wrong_stream": "refused:wrong_stream",
         "bad_end": "refused:invalid",
         "replay": "refused:too_large",

@@ -588,3 +588,37 @@ def test_an_event_nested_too_deeply_is_invalid_not_a_crash() -> None:
     with pytest.raises(DecodeError) as info:
         decode({"event": text})
     assert info.value.reason == "invalid"
+
+
+def test_the_nesting_check_is_linear_even_in_an_unterminated_string() -> None:
+    import time
+
+    from events.codec import json_depth_over
+
+    def took(n: int) -> float:
+        # More brackets than the limit, then a string that never ends.
+        text = "[" * (MAX_JSON_DEPTH - 1) + '"' + "[" * 10 + '"\\' * (n // 2)
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            assert not json_depth_over(text)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    # Twice the text, about twice the time (a quadratic scan takes four times).
+    assert took(512_000) / took(256_000) < 3.0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"schema_version": SCHEMA_VERSION + 1},
+        {"schema_version": SCHEMA_VERSION + 2, "type": [], "tenant": {}, "event_id": "e"},
+        {"schema_version": SCHEMA_VERSION + 1, "type": "x", "tenant": "acme"},
+    ],
+)
+def test_garbage_claiming_a_newer_version_is_invalid_not_held(data: dict[str, Any]) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode({"event": json.dumps(data)})
+    assert info.value.reason == "invalid"
+    assert "must still have a type, a tenant and an event_id" in info.value.detail
