@@ -59,12 +59,13 @@ _LOOKUP_TYPES = ('"workflow.ended"', '"memory.deleted"')
 
 def message_text(message: Message, *, workflow_id: str | None, agent_id: str | None) -> str:
     """The stored JSON of a message (the store adds seq, gen, at and entry)."""
-    data = message.to_json_dict()
-    if workflow_id:
-        data["workflow"] = workflow_id
-    if agent_id:
-        data["agent"] = agent_id
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    text = message.model_dump_json(exclude_none=True, exclude_defaults=True)
+    extra = "".join(
+        f',"{name}":{json.dumps(value, ensure_ascii=False)}'
+        for name, value in (("workflow", workflow_id), ("agent", agent_id))
+        if value
+    )
+    return text[:-1] + extra + "}" if extra else text
 
 
 class MissingLookupError(Exception):

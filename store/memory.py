@@ -71,6 +71,9 @@ class ApplyBatch:
         self.partition = partition
         self.ops: list[dict[str, object]] = []
         self.mems: list[dict[str, object]] = []
+        # The appends' and replaces' message texts, in op order: script arguments of
+        # their own (ops name theirs by offset), so none is encoded twice.
+        self.texts: list[str] = []
         self._mem_index: dict[str, int] = {}
         self.buckets: list[str] = []
         self.indexes: list[str] = []  # index keys, referred to by number
@@ -147,12 +150,15 @@ class ApplyBatch:
 
     def append(self, target: Target, message: str) -> None:
         """Append one message; ``message`` is its JSON object text (no ``seq`` field)."""
-        self._memory_op("append", target)["msgs"] = [_object_text(message)]
-        self.size += len(message)
+        self._messages(self._memory_op("append", target), [message])
 
     def replace(self, target: Target, messages: Sequence[str]) -> None:
         """Replace the whole memory (a new generation) with ``messages``."""
-        self._memory_op("replace", target)["msgs"] = [_object_text(m) for m in messages]
+        self._messages(self._memory_op("replace", target), messages)
+
+    def _messages(self, op: dict[str, object], messages: Sequence[str]) -> None:
+        op["mi"], op["mn"] = len(self.texts), len(messages)
+        self.texts.extend(_object_text(m) for m in messages)
         self.size += sum(len(m) for m in messages)
 
     def touches(self, memory_id: str) -> bool:
@@ -411,6 +417,7 @@ class MemoryStore:
                 self.retention.outcome_ms,
                 self.retention.backup_ms,
                 len(batch.indexes),
+                *batch.texts,
             ],
         )
         reply = await self._apply(p, *script_keys)

@@ -25,7 +25,8 @@
 -- ARGV[3] B           the number of outcome buckets
 -- ARGV[4] ops         JSON list, in stream order, of
 --                     {id, o (bucket), k, m (memory), ev (event id), idem?, replay?,
---                      msgs? (message JSON texts), fields? (flush request fields),
+--                      mi?, mn? (its messages: ARGV[11 + mi .. 10 + mi + mn]),
+--                      fields? (flush request fields),
 --                      reason?, detail?, letter? (dead letter fields),
 --                      lev? (the event text a dead letter of this op keeps)}
 --                     k: append | clear | replace | delete | flush | erase | restore | dlq |
@@ -49,6 +50,8 @@
 -- ARGV[8] outcome_ms  how long outcomes are kept
 -- ARGV[9] backup_ms   how long a clear's backup is kept (never past the memory's TTL)
 -- ARGV[10] X          the number of index keys
+-- ARGV[11 ..]         the message JSON texts of the appends and replaces, in op order
+--                     (apart from the ops' JSON, so no message is encoded twice)
 --
 -- Returns {'stale'} (nothing changed) or {'ok', statuses, reasons}: the reason of each
 -- refused op ('' for the others), and one status per op: applied, duplicate,
@@ -101,10 +104,13 @@ local function load(m)
   local s = state[m]
   if s then return s end
   local t = rcall('HMGET', mkey(m, TOMB), 'wm', 'gen', 'reset')
-  local meta = rcall('HMGET', mkey(m, META), 'gen', 'expire_at')
+  local meta = rcall('HMGET', mkey(m, META), 'gen', 'expire_at', 'deadline', 'count')
   s = {wm = t[1] or '0-0', gen = tonumber(t[2]) or 0, reset = t[3] or '0-0',
        exists = meta[1] ~= false, expire_at = tonumber(meta[2]), keys = {},
-       touched = false}
+       touched = false, deadline = tonumber(meta[3]), added = 0}
+  -- A memory with no message may have no log key, which an append then creates: its
+  -- deadlines are set in full (see the last pass).
+  s.renew = (tonumber(meta[4]) or 0) == 0
   s.sim_exists = s.exists
   state[m] = s
   return s
@@ -247,6 +253,7 @@ local function new_generation(s, m)
   for i = 1, #keep, 2 do rcall('HSET', mkey(m, META), keep[i], keep[i + 1]) end
   rcall('HSET', mkey(m, TOK), 'gen', s.gen)
   s.exists = true
+  s.added, s.last_seq, s.renew = 0, nil, true
 end
 
 -- A workflow wrote the memory: it is one of its writers (in its meta and in the
@@ -260,6 +267,7 @@ local function add_writer(op, s, m)
   if s.expire_at then
     rcall('HDEL', mkey(m, META), 'expire_at')
     s.expire_at = nil
+    s.renew = true
   end
   local idx = xkey(op.w)
   rcall('ZADD', idx, 'NX', now, mems[m].id)
@@ -347,13 +355,21 @@ local function apply_ended(op)
   return tally
 end
 
+-- The batch's sequences are taken from the counter at once (see the write pass).
+local next_seq = 0
+
 local function add_message(op, s, m, text)
-  local seq = rcall('HINCRBY', counters, 'seq', 1)
+  local seq = next_seq
+  next_seq = next_seq + 1
   local member = '{"seq":' .. seq .. ',"gen":' .. s.gen .. ',"at":' .. now ..
     ',"entry":"' .. op.id .. '",' .. string.sub(text, 2)
   rcall('ZADD', mkey(m, LOG), seq, member)
-  rcall('HSET', mkey(m, META), 'last_seq', seq)
+  s.added, s.last_seq = s.added + 1, seq
   return seq
+end
+
+local function message(op, j)
+  return ARGV[10 + op.mi + j]
 end
 
 -- Bring the memory's backup back as a new generation; the number of messages.
@@ -382,7 +398,8 @@ local function restore_backup(op, s, m)
       'seq', seq, 'entry', op.id)
     n, last = n + 1, seq
   end
-  rcall('HSET', mkey(m, META), 'count', n, 'last_seq', last)
+  rcall('HSET', mkey(m, META), 'count', n)
+  s.last_seq = last
   return n
 end
 
@@ -476,6 +493,15 @@ end
 local statuses = {}
 local reasons = {}
 local ids = {}
+local needed = 0
+for i, op in ipairs(ops) do
+  if decisions[i][1] == 'apply' and (op.k == 'append' or op.k == 'replace') then
+    needed = needed + op.mn
+  end
+end
+if needed > 0 then
+  next_seq = rcall('HINCRBY', counters, 'seq', needed) - needed + 1
+end
 for i, op in ipairs(ops) do
   local d = decisions[i]
   local status = d[1]
@@ -504,8 +530,7 @@ for i, op in ipairs(ops) do
     if op.k == 'append' then
       if not s.exists then new_generation(s, m) end
       add_writer(op, s, m)
-      local seq = add_message(op, s, m, op.msgs[1])
-      rcall('HINCRBY', mkey(m, META), 'count', 1)
+      local seq = add_message(op, s, m, message(op, 1))
       rcall('XADD', changes, '*', 'type', 'appended', 'memory', mid, 'gen', s.gen,
         'seq', seq, 'entry', op.id)
       record(op, {status = 'applied', seq = seq, gen = s.gen})
@@ -513,11 +538,10 @@ for i, op in ipairs(ops) do
       new_generation(s, m)
       add_writer(op, s, m)
       local first, last = 0, 0
-      for j, text in ipairs(op.msgs) do
-        last = add_message(op, s, m, text)
+      for j = 1, op.mn do
+        last = add_message(op, s, m, message(op, j))
         if j == 1 then first = last end
       end
-      rcall('HSET', mkey(m, META), 'count', #op.msgs)
       rcall('XADD', changes, '*', 'type', 'replaced', 'memory', mid, 'gen', s.gen,
         'first_seq', first, 'last_seq', last, 'entry', op.id)
       record(op, {status = 'applied', gen = s.gen})
@@ -544,6 +568,7 @@ for i, op in ipairs(ops) do
       record(op, {status = 'applied', gen = s.gen})
     elseif op.k == 'erase' then
       local removed = erase_message(m, op.seq)
+      s.renew = true  -- the log may be empty now, and an append recreate it
       record(op, {status = 'applied', gen = s.gen, seq = op.seq,
                   detail = 'erased ' .. removed .. ' message(s)'})
     elseif op.k == 'flush' then
@@ -554,6 +579,7 @@ for i, op in ipairs(ops) do
     end
     if op.idem then
       rcall('ZADD', mkey(m, IDEM), now + idem_ms, op.idem)
+      s.idem_added = true
     end
   elseif status == 'duplicate' then
     state[op.m].dup = true
@@ -582,10 +608,33 @@ for m, s in pairs(state) do
   if s.touched then
     local tomb_deadline
     local tenant_idx, resource_idx = xkey(mems[m].t), xkey(mems[m].r)
+    local ttl = mems[m].ttl
+    -- Renewed on write, except during an `expire` grace (its deadline is fixed): in full
+    -- when it moved by more than a twentieth of the TTL (at most a minute), or the batch
+    -- may have created a key; else the keys keep the deadline they have, which is that
+    -- much earlier at most (and every key has it: none was created).
+    -- (A shorter TTL than the one a memory's deadline was set with renews it too.)
+    local fresh = now + ttl
+    local full = not s.exists or s.expire_at or s.renew or not s.deadline
+      or math.abs(fresh - s.deadline) > math.min(60000, math.floor(ttl / 20))
+    local deadline = s.expire_at or fresh
     if s.exists then
-      -- Renewed on write, except during an `expire` grace (its deadline is fixed).
-      local deadline = s.expire_at or (now + mems[m].ttl)
-      rcall('HSET', mkey(m, META), 'updated', now, 'entry', s.wm)
+      local fields = {'updated', now, 'entry', s.wm}
+      if s.last_seq then
+        fields[#fields + 1] = 'last_seq'
+        fields[#fields + 1] = s.last_seq
+      end
+      if full then
+        fields[#fields + 1] = 'deadline'
+        fields[#fields + 1] = deadline
+      end
+      rcall('HSET', mkey(m, META), unpack(fields))
+      if s.added ~= 0 then rcall('HINCRBY', mkey(m, META), 'count', s.added) end
+    end
+    if not full then
+      rcall('HSET', mkey(m, TOMB), 'wm', s.wm, 'gen', s.gen, 'reset', s.reset)
+      if s.idem_added then rcall('PEXPIREAT', mkey(m, IDEM), s.deadline + tomb_ms) end
+    elseif s.exists then
       rcall('PEXPIREAT', mkey(m, LOG), deadline)
       rcall('PEXPIREAT', mkey(m, META), deadline)
       rcall('PEXPIREAT', mkey(m, TOK), deadline)
@@ -604,12 +653,14 @@ for m, s in pairs(state) do
       rcall('ZREM', tenant_idx, mems[m].id)
       rcall('ZREM', resource_idx, mems[m].id)
     end
-    indexes[tenant_idx] = true
-    indexes[resource_idx] = true
-    rcall('HSET', mkey(m, TOMB), 'wm', s.wm, 'gen', s.gen, 'reset', s.reset)
-    rcall('PEXPIREAT', mkey(m, TOMB), tomb_deadline)
-    rcall('ZREMRANGEBYSCORE', mkey(m, IDEM), '-inf', now)
-    rcall('PEXPIREAT', mkey(m, IDEM), tomb_deadline)
+    if full then
+      indexes[tenant_idx] = true
+      indexes[resource_idx] = true
+      rcall('HSET', mkey(m, TOMB), 'wm', s.wm, 'gen', s.gen, 'reset', s.reset)
+      rcall('PEXPIREAT', mkey(m, TOMB), tomb_deadline)
+      rcall('ZREMRANGEBYSCORE', mkey(m, IDEM), '-inf', now)
+      rcall('PEXPIREAT', mkey(m, IDEM), tomb_deadline)
+    end
   elseif s.dup and rcall('EXISTS', mkey(m, TOMB)) == 1 then
     rcall('HSET', mkey(m, TOMB), 'wm', s.wm)
   end

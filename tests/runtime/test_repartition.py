@@ -210,7 +210,7 @@ async def check_tombstone(rig: Rig, s: Scenario, reader: MemoryReader, fresh: Pu
     q = partition_for(gone.memory_id, s.new)
     name = MemoryName(resource=RESOURCE, key=gone.key)
     late = MessageAppended(tenant="acme", payload=AppendPayload(memory=name, message=user("x")))
-    fields = {"event": event_json(late), "replay_of": s.gone_entry, "replay_key": "r"}
+    fields = {"event": event_json(late), "replay_of": s.gone_entry, "replay_key": "0" * 40}
     entry = str(await rig.client.xadd(rig.keys.ingest(q), fields))  # type: ignore[arg-type]
     outcome = await reader.wait_applied(q, entry)
     assert (outcome.status, outcome.reason) == (OutcomeStatus.REFUSED, "replay_before_reset")

@@ -301,3 +301,81 @@ async def test_entries_an_erasure_removed_after_they_were_read_are_settled_as_er
     reader = MemoryReader(client, scripts, keys)
     outcome = await reader.outcome(P, ids[1])
     assert outcome is not None and outcome.status == "erased" and outcome.event_id == f"ev-{ids[1]}"
+
+
+async def ttls(client: RedisClient, keys: Keys) -> dict[str, int]:
+    """The PTTL of every key of the memory, read in one atomic step."""
+    k = keys.memory(P, MEM)
+    names = ("log", "meta", "tomb", "idem", "tok")
+    found = await client.eval(
+        "local t = {} for i, k in ipairs(KEYS) do t[i] = redis.call('PTTL', k) end return t",
+        len(names),
+        *(getattr(k, n) for n in names),
+    )
+    return dict(zip(names, [int(x) for x in found], strict=True))
+
+
+async def test_a_deadline_is_renewed_once_it_moved_by_a_twentieth_of_the_ttl(
+    setup: tuple[MemoryStore, Lease], client: RedisClient, keys: Keys
+) -> None:
+    store, lease = setup
+    k = keys.memory(P, MEM)
+
+    async def append(text: str, key: str) -> None:
+        (entry_id,) = await publish(client, keys, 1)
+        batch = ApplyBatch(keys, P)
+        batch.append(target(entry_id, key=key), msg(text))
+        assert await store.apply(lease, batch) == ["applied"]
+
+    await append("a", "k-a")
+    first = int(await client.hget(k.meta, "deadline") or 0)
+    assert first > 0
+    # Soon after: nothing is renewed (the deadline moved by less than TTL/20 = 3 s), and
+    # every key still has the memory's deadline (none was created without one).
+    await append("b", "k-b")
+    assert int(await client.hget(k.meta, "deadline") or 0) == first
+    left = await ttls(client, keys)
+    assert all(v > 0 for v in left.values()), left
+    assert abs(left["log"] - left["meta"]) < 50 and abs(left["tok"] - left["meta"]) < 50
+    assert left["meta"] <= TTL
+    # As if the last renewal were long ago: the next write renews every key in full.
+    stale = first - TTL // 2
+    await client.hset(k.meta, "deadline", stale)
+    for key in (k.log, k.meta, k.tok):
+        await client.pexpireat(key, stale)
+    await append("c", "k-c")
+    renewed = int(await client.hget(k.meta, "deadline") or 0)
+    assert renewed > first
+    left = await ttls(client, keys)
+    assert min(left["log"], left["meta"], left["tok"]) > TTL - 5_000, left
+    assert left["tomb"] > TTL + Retention().tombstone_ms - 5_000
+    assert await contents(client, keys) == ["a", "b", "c"]
+    assert (await client.hgetall(k.meta))["count"] == "3"
+
+
+async def test_a_batch_takes_its_sequences_at_once_and_skips_none(
+    setup: tuple[MemoryStore, Lease], client: RedisClient, keys: Keys
+) -> None:
+    store, lease = setup
+    ids = await publish(client, keys, 5)
+    batch = ApplyBatch(keys, P)
+    batch.append(target(ids[0], key="same"), msg("a"))
+    batch.append(target(ids[1], key="same"), msg("dup"))  # a duplicate takes no sequence
+    batch.replace(target(ids[2], memory="acme/customer-support/k2"), [msg("r1"), msg("r2")])
+    batch.dead_letter(ids[3], reason="invalid", detail="x", event="{}", source="s")
+    batch.append(target(ids[4]), msg("b"))
+    assert await store.apply(lease, batch) == [
+        "applied",
+        "duplicate",
+        "applied",
+        "refused",
+        "applied",
+    ]
+    one = [json.loads(m)["seq"] for m in await client.zrange(keys.memory(P, MEM).log, 0, -1)]
+    two = [
+        json.loads(m)["seq"]
+        for m in await client.zrange(keys.memory(P, "acme/customer-support/k2").log, 0, -1)
+    ]
+    assert (one, two) == ([1, 4], [2, 3])
+    assert await client.hget(keys.counters(P), "seq") == "4"
+    assert (await client.hgetall(keys.memory(P, MEM).meta))["last_seq"] == "4"
