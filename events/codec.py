@@ -10,6 +10,7 @@ Stream fields of an ingest entry:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -91,7 +92,12 @@ class Decoded:
         if self.replay_key:
             return self.replay_key
         key = self.event.idempotency_key
-        return hashlib.sha1(key.encode("utf-8")).hexdigest() if key else None
+        return _digest(key) if key else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
 def encode(event: AnyEvent) -> dict[str, str]:
@@ -192,7 +198,7 @@ def _decode(fields: dict[str, str] | None, max_bytes: int) -> Decoded:
 def _parse(text: str, max_bytes: int) -> dict[str, Any]:
     """The event's JSON object, within the size and nesting limits."""
     try:
-        size = len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except UnicodeEncodeError as e:
         raise DecodeError(
             "not_utf8", f"the event is not UTF-8 text (byte offset about {e.start})"

@@ -58,8 +58,7 @@ class PrivacyPolicy(BaseModel):
         description="what replaces a match (taken literally)",
     )
     _compiled: list[Any] = PrivateAttr(default_factory=list)
-    _combined: Any = PrivateAttr(default=None)  # every pattern in one, for searching
-    _anchored: bool = PrivateAttr(default=False)
+    _searcher: _Searcher | None = PrivateAttr(default=None)
 
     @field_validator("redact_patterns")
     @classmethod
@@ -74,30 +73,15 @@ class PrivacyPolicy(BaseModel):
     def model_post_init(self, context: Any, /) -> None:
         self._compiled = [compile_pattern(p) for p in self.redact_patterns]
         if self._compiled:
-            try:  # one search instead of one per pattern (two may not combine: a name twice)
-                self._combined = re2.compile(
-                    "|".join(f"(?:{p})" for p in self.redact_patterns), options=_OPTIONS
-                )
-            except re2.error:
-                self._combined = None
-            self._anchored = any(_ANCHOR.search(p) for p in self.redact_patterns)
+            self._searcher = _Searcher(self.redact_patterns, self._compiled)
 
     @property
     def active(self) -> bool:
         return bool(self.redact_patterns or self.non_persistable_message_types)
 
     def matches(self, text: str) -> bool:
-        if not self._compiled:
-            return False
-        try:
-            return self._search(text)
-        except UnicodeEncodeError:  # lone surrogates (bad input): searched as escapes
-            return self._search(_escaped(text))
-
-    def _search(self, text: str) -> bool:
-        if self._combined is not None:
-            return self._combined.search(text) is not None
-        return any(pattern.search(text) for pattern in self._compiled)
+        searcher = self._searcher
+        return searcher is not None and searcher.found(text)
 
     def redact_text(self, text: str) -> str:
         replacement = self.default_redaction_string
@@ -121,13 +105,14 @@ class PrivacyPolicy(BaseModel):
         match across two only sends the event down the full path. An anchor would not
         match at a text's edge inside the join, so a policy with one (^, $, \\A, \\z)
         is never taken as clean this way."""
-        if not self._compiled:
+        searcher = self._searcher
+        if searcher is None:
             return True
-        if self._anchored:
+        if searcher.anchored:
             return False
         parts: list[str] = []
         _texts_of_event(data, parts)
-        return not self.matches("\n".join(parts))
+        return not searcher.found("\n".join(parts))
 
     def persists(self, message: Message) -> bool:
         """False for a message of a non-persistable type (by role or metadata type)."""
@@ -270,28 +255,66 @@ _STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _ANCHOR = re.compile(r"\^|\$|\\A|\\z")
 
 
+class _Searcher:
+    """Whether any of a policy's patterns matches a text: one search with all of them
+    combined, straight into RE2 (no match objects), the redaction's common case."""
+
+    __slots__ = ("_anchor", "_combined", "_compiled", "_null", "anchored")
+
+    def __init__(self, patterns: list[str], compiled: list[Any]) -> None:
+        self._compiled = compiled
+        self.anchored = any(_ANCHOR.search(p) for p in patterns)
+        try:  # two patterns may not combine (a group name twice): then one by one
+            self._combined: Any = re2.compile(
+                "|".join(f"(?:{p})" for p in patterns), options=_OPTIONS
+            )
+        except re2.error:
+            self._combined = None
+        # RE2's own search, when this wrapper version has it (else the public one).
+        inner = getattr(self._combined, "_regexp", None)
+        self._anchor = getattr(getattr(re2, "_Anchor", None), "UNANCHORED", None)
+        self._null = getattr(re2, "_NULL_SPAN", None)
+        if inner is None or self._anchor is None or self._null is None:
+            self._anchor = None
+
+    def found(self, text: str) -> bool:
+        try:
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (bad input): searched as escapes
+            text = _escaped(text)
+            encoded = text.encode("utf-8")
+        combined = self._combined
+        if combined is None:
+            return any(pattern.search(text) for pattern in self._compiled)
+        if self._anchor is None:
+            return combined.search(text) is not None
+        spans = combined._regexp.Match(self._anchor, encoded, 0, len(encoded))
+        return bool(spans[0] != self._null)
+
+
 def _escaped(text: str) -> str:
     """Text with lone surrogates (bad input) as backslash escapes, valid UTF-8."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _texts_of_event(data: Any, parts: list[str]) -> None:
-    """The texts ``_redact_event_data`` would redact, into ``parts``."""
-    if not isinstance(data, dict):
+    """The texts ``_redact_event_data`` would redact, into ``parts`` (``data`` as JSON
+    decodes: every key a string)."""
+    if type(data) is not dict:
         _texts(data, parts)
         return
     for key, value in data.items():
-        parts.append(str(key))
-        if (key in _ENVELOPE_FIELDS and _plain(value)) or (
-            key == "event_id" and isinstance(value, str) and _MADE_ID.fullmatch(value)
-        ):
+        parts.append(key)
+        if key in _ENVELOPE_FIELDS and _plain(value):
             continue
-        if key == "payload" and isinstance(value, dict):
+        if key == "event_id" and type(value) is str and _MADE_ID.fullmatch(value):
+            continue
+        if key == "payload" and type(value) is dict:
             for k, v in value.items():
-                parts.append(str(k))
-                if (k in _PAYLOAD_FIELDS and _plain(v)) or (
-                    k in _PAYLOAD_IDS and isinstance(v, str) and _STREAM_ID.fullmatch(v)
-                ):
+                parts.append(k)
+                if k in _PAYLOAD_FIELDS and _plain(v):
+                    continue
+                if k in _PAYLOAD_IDS and type(v) is str and _STREAM_ID.fullmatch(v):
                     continue
                 _texts(v, parts)
         else:
@@ -299,20 +322,23 @@ def _texts_of_event(data: Any, parts: list[str]) -> None:
 
 
 def _texts(value: Any, parts: list[str]) -> None:
-    """Every string, key and number (as text) of a JSON value, into ``parts``; no
-    recursion, so no depth is too deep."""
+    """Every string, key and number (as text) of a decoded JSON value, into ``parts``;
+    no recursion, so no depth is too deep."""
     stack = [value]
+    pop, more = stack.pop, stack.extend
+    add, add_all = parts.append, parts.extend
     while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            parts.append(item)
-        elif isinstance(item, dict):
-            parts.extend(str(k) for k in item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, int | float) and not isinstance(item, bool):
-            parts.append(str(item))
+        item = pop()
+        kind = type(item)
+        if kind is str:
+            add(item)
+        elif kind is dict:
+            add_all(item)  # its keys
+            more(item.values())
+        elif kind is list:
+            more(item)
+        elif kind is int or kind is float:
+            add(str(item))
 
 
 def _plain(value: Any) -> bool:

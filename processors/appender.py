@@ -244,7 +244,9 @@ class Appender:
         event = decoded.event
         registry = self.registry
         resource = (
-            registry.find(event.ref.resource) if isinstance(event, MEMORY_EVENT_TYPES) else None
+            registry.find(event.payload.memory.resource)
+            if isinstance(event, MEMORY_EVENT_TYPES)
+            else None
         )
         # Whatever a letter, an outcome or a log keeps of this event is redacted by this.
         policy = resource.privacy_policy if resource is not None else registry.privacy_policy

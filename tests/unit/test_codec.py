@@ -605,8 +605,9 @@ def test_the_nesting_check_is_linear_even_in_an_unterminated_string() -> None:
             best = min(best, time.perf_counter() - started)
         return best
 
-    # Twice the text, about twice the time (a quadratic scan takes four times).
-    assert took(512_000) / took(256_000) < 3.0
+    # Eight times the text, about eight times the time: a quadratic scan takes 64 times
+    # (the margin is for a busy machine: a timing ratio, never an absolute bound).
+    assert took(512_000) / took(64_000) < 24.0
 
 
 @pytest.mark.parametrize(
