@@ -225,10 +225,6 @@ class Publisher:
                 f"a batch of {len(events)} events, over the limit of {limits.max_messages} "
                 f"per call (MEMSTREAM_MAX_MESSAGES); publish it in parts"
             )
-        for event in events:
-            problem = limits.message_problem(_messages_of(event))
-            if problem:
-                raise PublishError(f"event {event.event_id}: {problem}")
         kept = [self._apply_policy(event) for event in events]
         try:
             routed, replies = await self._route_and_send(kept)
@@ -262,6 +258,7 @@ class Publisher:
         n = await self.partitions()
         now = int(time.time() * 1000)
         routed: list[tuple[int, MemoryEvent, str]] = []
+        total = 0
         for event in (e for e in kept if not isinstance(e, Outcome)):
             stamped = event.model_copy(
                 update={
@@ -271,7 +268,13 @@ class Publisher:
                 }
             )
             text = event_json(stamped)
-            size = len(text.encode("utf-8"))
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            total += size
+            # (An event's text cannot hold a message over the limit when it is that short.)
+            if 4 * len(text) > limits.max_message_bytes or len(_messages_of(event)) > 1:
+                problem = limits.message_problem(_messages_of(event), event_chars=len(text))
+                if problem:
+                    raise PublishError(f"event {event.event_id}: {problem}")
             if size > self._max_event_bytes:
                 raise PublishError(
                     f"event {event.event_id} is {size} bytes, over the "
@@ -284,8 +287,9 @@ class Publisher:
                     f"{MAX_JSON_DEPTH} deep (the event contract's limit, which every reader "
                     f"can parse); flatten the message's metadata"
                 )
-            routed.append((partition_for(stamped.ref.memory_id, n), stamped, text))
-        total = sum(len(text.encode("utf-8")) for _, _, text in routed)
+            memory = stamped.payload.memory  # validated: no need to build a MemoryRef
+            memory_id = f"{stamped.tenant}/{memory.resource}/{memory.key}"
+            routed.append((partition_for(memory_id, n), stamped, text))
         if total > limits.max_request_bytes:
             raise PublishError(
                 f"the batch is {total} bytes, over the {limits.max_request_bytes}-byte limit "
