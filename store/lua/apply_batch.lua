@@ -57,7 +57,7 @@
 -- refused op ('' for the others), and one status per op: applied, duplicate,
 -- skipped (settled before: at or below the watermark, or no longer pending), refused,
 -- erased (the op's entry is no longer in the stream: an erasure removed it after the
--- caller read it), partial (an ended op with more to do: not acknowledged) per op. Outcomes are written once (HSETNX): a later run never overwrites them.
+-- caller read it), partial (an ended op with more to do: not acknowledged) per op. Outcomes are written once (a later run never overwrites one).
 local lease, ingest, changes, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local flush, counters, attempts = KEYS[5], KEYS[6], KEYS[7]
 local value, group, nb = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -116,10 +116,36 @@ local function load(m)
   return s
 end
 
+-- The expiry of every idempotency key the batch names, one ZMSCORE per memory (6.2+).
+local seen_until = {}
+do
+  local asked = {}
+  for _, op in ipairs(ops) do
+    if op.idem and op.m then
+      local list = asked[op.m]
+      if not list then
+        list = {}
+        asked[op.m] = list
+      end
+      list[#list + 1] = op.idem
+    end
+  end
+  for m, list in pairs(asked) do
+    local found = {}
+    for i = 1, #list, 500 do  -- unpack() takes a few thousand values at most
+      local part = {}
+      for j = i, math.min(i + 499, #list) do part[#part + 1] = list[j] end
+      local scores = rcall('ZMSCORE', mkey(m, IDEM), unpack(part))
+      for j, score in ipairs(part) do found[score] = scores[j] end
+    end
+    seen_until[m] = found
+  end
+end
+
 local function key_seen(s, m, key)
   if s.keys[key] then return true end
-  local expiry = rcall('ZSCORE', mkey(m, IDEM), key)
-  return expiry ~= false and tonumber(expiry) > now
+  local expiry = seen_until[m] and seen_until[m][key]
+  return expiry ~= nil and expiry ~= false and tonumber(expiry) > now
 end
 
 -- Why a restore of backup `id` cannot be applied (nil if it can): only the memory's
@@ -217,13 +243,18 @@ for i, op in ipairs(ops) do
   end
 end
 
--- Write pass.
+-- Write pass. Outcomes are gathered per bucket and written at the end, each once.
 local buckets = {}
 local function record(op, outcome)
   local bucket = KEYS[7 + op.o]
   outcome.event = op.ev
-  rcall('HSETNX', bucket, op.id, cjson.encode(outcome))
-  buckets[bucket] = true
+  local list = buckets[bucket]
+  if not list then
+    list = {}
+    buckets[bucket] = list
+  end
+  list[#list + 1] = op.id
+  list[#list + 1] = cjson.encode(outcome)
 end
 
 -- What a new generation keeps of the memory's meta: when it was created, the workflows
@@ -578,8 +609,9 @@ for i, op in ipairs(ops) do
       record(op, {status = 'applied', gen = s.gen})
     end
     if op.idem then
-      rcall('ZADD', mkey(m, IDEM), now + idem_ms, op.idem)
-      s.idem_added = true
+      s.idem_new = s.idem_new or {}
+      s.idem_new[#s.idem_new + 1] = now + idem_ms
+      s.idem_new[#s.idem_new + 1] = op.idem
     end
   elseif status == 'duplicate' then
     state[op.m].dup = true
@@ -604,8 +636,19 @@ end
 
 -- Deadlines and tombstones of every memory the batch changed, and the inventory.
 local indexes = {}
+-- Run `call(key, ...)` on a flat list of pairs, a few hundred at a time (unpack()'s
+-- limit).
+local function in_chunks(call, key, flat)
+  for i = 1, #flat, 1000 do
+    local part = {}
+    for j = i, math.min(i + 999, #flat) do part[#part + 1] = flat[j] end
+    rcall(call, key, unpack(part))
+  end
+end
+
 for m, s in pairs(state) do
   if s.touched then
+    if s.idem_new then in_chunks('ZADD', mkey(m, IDEM), s.idem_new) end
     local tomb_deadline
     local tenant_idx, resource_idx = xkey(mems[m].t), xkey(mems[m].r)
     local ttl = mems[m].ttl
@@ -633,7 +676,7 @@ for m, s in pairs(state) do
     end
     if not full then
       rcall('HSET', mkey(m, TOMB), 'wm', s.wm, 'gen', s.gen, 'reset', s.reset)
-      if s.idem_added then rcall('PEXPIREAT', mkey(m, IDEM), s.deadline + tomb_ms) end
+      if s.idem_new then rcall('PEXPIREAT', mkey(m, IDEM), s.deadline + tomb_ms) end
     elseif s.exists then
       rcall('PEXPIREAT', mkey(m, LOG), deadline)
       rcall('PEXPIREAT', mkey(m, META), deadline)
@@ -673,7 +716,24 @@ for idx in pairs(indexes) do
   if last[2] then rcall('PEXPIREAT', idx, last[2]) end
 end
 
-for bucket in pairs(buckets) do
+-- Outcomes are written once: a later run (the same entries again) never overwrites one.
+for bucket, list in pairs(buckets) do
+  local ids_of = {}
+  for i = 1, #list, 2 do ids_of[#ids_of + 1] = list[i] end
+  local new = {}
+  for i = 1, #ids_of, 500 do
+    local part = {}
+    for j = i, math.min(i + 499, #ids_of) do part[#part + 1] = ids_of[j] end
+    local stored = rcall('HMGET', bucket, unpack(part))
+    for j, found in ipairs(stored) do
+      if not found then
+        local at = (i + j - 2) * 2 + 1
+        new[#new + 1] = list[at]
+        new[#new + 1] = list[at + 1]
+      end
+    end
+  end
+  if #new > 0 then in_chunks('HSET', bucket, new) end
   rcall('PEXPIRE', bucket, outcome_ms)
 end
 if #ids > 0 then
