@@ -138,6 +138,12 @@ def _secret(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:12]}"
 
 
+def _workflow() -> str:
+    """A new workflow id of acme's that is kept as it is: no digits, so no redaction
+    pattern of the resources (phone numbers, say) makes a pseudonym of it."""
+    return "wf-acme-" + uuid.uuid4().hex[:12].translate(str.maketrans("0123456789", "ghijklmnop"))
+
+
 async def _counted(rig: Rig, ref: MemoryRef) -> bool:
     view = await rig.reader.read(ref)
     return view.exists and view.counted == view.count
@@ -336,6 +342,31 @@ async def _outcomes(rig: Rig, receipts: list[Receipt]) -> list[str]:
         for r in receipts
     ]
     return [str(o) for o in found if o is not None]
+
+
+async def test_the_outcomes_of_a_workflows_end_go_with_its_tenant(rig: Rig, namespace: str) -> None:
+    """A workflow ended before the erasure: its lifecycle entry and its ends in the
+    ingest streams are settled and trimmed, and only their outcomes, which name the
+    workflow, are left of it."""
+    workflow = _workflow()
+    rig.start("appender")
+    rig.start_cleanup()
+    ref = MemoryRef("acme", "customer-support", "ended-before")
+    await rig.publisher.append(ref, user("x"), workflow_id=workflow, wait=True)
+    await rig.publisher.workflow_terminated("acme", workflow, wait=True)
+
+    async def trimmed() -> bool:
+        return traces(streams(await dump(rig.client, namespace)), [workflow]) == []
+
+    await rig.eventually(trimmed, what="the ends to be trimmed")
+    await rig.stop_all()
+    left = traces(await dump(rig.client, namespace), [workflow])
+    assert len([t for t in left if ":out:" in t]) == PARTITIONS + 1, left
+
+    await erase_tenant(rig.scripts, rig.keys, "acme", partitions=PARTITIONS)
+
+    assert traces(await dump(rig.client, namespace), [workflow]) == []
+    assert await tenant_remnants(rig.client, rig.keys, "acme") == []
 
 
 async def test_a_batch_read_before_the_erasure_and_applied_after_it_brings_nothing_back(
