@@ -124,6 +124,7 @@ class Cleanup:
                 "applied",
                 detail=f"workflow {workflow} ended "
                 f"({event.payload.status.value}): sent to {len(receipts)} partitions",
+                tenant=event.tenant,
             )
         if isinstance(event, WorkflowStarted):
             return Settle(

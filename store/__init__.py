@@ -36,6 +36,7 @@ from store.errors import (
     WaitTimeoutError,
 )
 from store.flushing import BudgetLimits, Change, FlushEnd, Flushes, Snapshot
+from store.inflight import InFlight, removed_in_flight
 from store.inventory import Listed, list_memories
 from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, MemoryKeys, Topic
 from store.lease import Lease, LeaseHolder, Leases
@@ -69,6 +70,7 @@ __all__ = [
     "Flushes",
     "GenerationChangedError",
     "Group",
+    "InFlight",
     "Keys",
     "Lease",
     "LeaseHolder",
@@ -119,5 +121,6 @@ __all__ = [
     "read_circuits",
     "record_circuit",
     "refuse_while_repartitioning",
+    "removed_in_flight",
     "tenant_remnants",
 ]

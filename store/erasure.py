@@ -1,24 +1,37 @@
-"""Erasing a tenant: every stream entry, key and outcome that holds its data.
+"""Erasing a tenant: every stream entry, key and outcome that holds its data, while
+the processors run.
 
-``erase_tenant`` works in three sweeps, each cluster-safe (one key per command, or a
-pipeline of single-key commands, which a Cluster client splits by node):
+``erase_tenant`` works in sweeps, each cluster-safe (one key per command, or a pipeline
+of single-key commands, which a Cluster client splits by node). Entries go before keys
+(no event of the tenant still waiting in a stream can bring back a memory the key sweep
+removed), and a sweep of a stream whose processor may still act on an entry it read
+before the erasure removed it waits for that processor (``store.inflight``):
 
-1. stream entries: every ``ingest``, ``changes``, ``flush`` and ``dlq`` stream of every
-   partition and the ``lifecycle`` stream, read with XRANGE page by page; the tenant's
-   entries are removed with XDEL, and the outcomes recorded for them with HDEL. Entries
-   go first so that no event of the tenant still waiting in a stream can bring back a
-   memory the next sweep removes. A deleted entry that was pending is settled by its
-   next owner as ``erased`` (DESIGN rule 3). An ``ingest`` entry the appender had read
-   before it was deleted is settled as ``erased`` too, however late its batch is
-   applied: the same script step that deletes it raises the partition's sweep mark
-   (``erase_entries.lua``), and the apply script checks every entry at or below the
-   mark is still there (``apply_batch.lua``).
-2. keys: SCAN over every primary (redis-py's Cluster ``scan_iter`` visits each one until
+1. lifecycle: the tenant's ``workflow.*`` entries, with XDEL. The cleanup processor may
+   have read one and be sending that workflow's end into the ingest streams: the
+   erasure waits until the lifecycle leaseholder has settled every removed entry it
+   had read, so what it sent is in the ingest streams before they are swept. Then the
+   outcomes it recorded for them.
+2. ingest: the tenant's entries of every partition, and their outcomes. The appender
+   needs no wait: the script step that removes entries raises the partition's sweep
+   mark (``erase_entries.lua``), and the apply script settles every entry of a batch at
+   or below the mark that is gone as ``erased`` (``apply_batch.lua``), however late.
+3. keys: SCAN over every primary (redis-py's Cluster ``scan_iter`` visits each one until
    its cursor returns to 0) for the keys named for the tenant: its memories' keys
    (``m:{p}:<tenant>/...``), its indexes (``tenant``, ``resource``, ``wf``, ``ended``)
-   and its memories' locks (``lock`` and ``lockfence`` of ``flush:<tenant>/...``).
-3. outcomes: the fields of the outcome hashes (``out:{p}:...``) whose value names one
-   of the tenant's memories (``<tenant>/``) though their entry is already gone.
+   and its memories' locks (``lock`` and ``lockfence`` of ``flush:<tenant>/...``). From
+   here on no processor writes a change or a flush request for its memories: they
+   change only memories that exist.
+4. changes and flush: the tenant's entries of every partition, and their outcomes (the
+   accountant and the summarizer may have written some before step 3). A flush the
+   summarizer had read takes its memory's lock (a new fence key) even when the memory
+   is gone: the erasure waits for the summarizers' removed entries in flight, then
+   deletes those locks again.
+5. dead letters, then the fields of the outcome hashes (``out:{p}:...``) that name the
+   tenant (a memory id ``<tenant>/``, or ``"tenant"``) though their entry is gone.
+
+A removed entry pending for a worker that does not hold the lease (it died) is not
+waited for: the next holder claims it, finds it gone and settles it as ``erased``.
 
 Partition-wide keys (configuration, membership, leases and fences, attempts, held
 markers, sequence and generation counters) hold no tenant data and are never touched,
@@ -38,7 +51,8 @@ from typing import Any
 
 from memory.ref import check_tenant
 from store.connection import RedisClient
-from store.keys import TOPIC_GROUPS, Keys, Topic
+from store.inflight import InFlight, wait_settled
+from store.keys import TOPIC_GROUPS, Group, Keys, Topic
 from store.scripts import Scripts
 
 #: What a tenant name is made of (memory.ref's TENANT_PATTERN): an occurrence of the
@@ -46,6 +60,9 @@ from store.scripts import Scripts
 _TENANT_CHARS = "A-Za-z0-9_.-"
 SCAN_COUNT = 1000
 DELETE_BATCH = 500
+#: How long an erasure waits, by default, for a processor to settle what it had read of
+#: the entries it removed (three of the default lease TTLs).
+SETTLE_WAIT = 30.0
 #: Key kinds (the segment after the namespace) that are never named for a tenant.
 _SHARED_KINDS = frozenset(
     {
@@ -80,6 +97,10 @@ class TenantErasure:
     lifecycle: int = 0
     keys: int = 0
     outcomes: int = 0
+    #: Removed entries a processor still had when the erasure gave up waiting for it
+    #: (this erasure's or an earlier one's): what it does with them may name the tenant
+    #: again.
+    unsettled: tuple[InFlight, ...] = ()
 
     @property
     def entries(self) -> int:
@@ -97,6 +118,10 @@ class TenantErasure:
             },
             "keys": self.keys,
             "outcomes": self.outcomes,
+            "unsettled": [
+                {"stream": u.stream, "group": u.group, "worker": u.worker, "entries": [*u.entries]}
+                for u in self.unsettled
+            ],
         }
 
 
@@ -137,6 +162,17 @@ class TenantMatch:
         if not name.startswith(self.prefix):
             return False
         return self.owned.fullmatch(name[len(self.prefix) :]) is not None
+
+    def lock_name(self, key: str) -> str:
+        """The lock name that goes with one of the tenant's keys: a lock's own name, the
+        flush lock of a memory's key, else ``""``."""
+        rest = key[len(self.prefix) :]
+        kind, _, tail = rest.partition(":")
+        if kind in ("lock", "lockfence"):
+            return tail[1:-1]
+        if kind == "m":
+            return "flush:" + tail.partition(":")[2].rpartition(":")[0]
+        return ""
 
     def names_key(self, name: str) -> bool:
         """The key is the tenant's, or (of a kind not known here) has it in its name."""
@@ -181,24 +217,48 @@ def _glob(text: str) -> str:
 
 
 async def erase_tenant(
-    scripts: Scripts, keys: Keys, tenant: str, *, partitions: int, page: int = 500
+    scripts: Scripts,
+    keys: Keys,
+    tenant: str,
+    *,
+    partitions: int,
+    page: int = 500,
+    wait: float = SETTLE_WAIT,
+    waiting: Callable[[list[InFlight]], None] | None = None,
 ) -> TenantErasure:
-    """Remove every stream entry, key and outcome of ``tenant`` (see the module doc)."""
+    """Remove every stream entry, key and outcome of ``tenant`` (see the module doc).
+
+    Each of the two waits for the processors lasts up to ``wait`` seconds; ``waiting`` is
+    told what it waits for. Past that the erasure goes on, and names what was still in
+    flight in ``unsettled``."""
     client = scripts.client
     match = TenantMatch.of(keys, tenant)
+    lifecycle = await _erase_entries(
+        client, keys.lifecycle, _selector(Topic.LIFECYCLE, match), page
+    )
+    unsettled = await wait_settled(client, keys, [(Group.CLEANUP, 0)], wait, waiting)
+    # After the wait: the cleanup processor records its outcome when it settles.
+    outcomes = await _hdel(client, _outcome_fields(keys, Topic.LIFECYCLE, 0, lifecycle))
     entries: dict[Topic, int] = dict.fromkeys(Topic, 0)
-    outcomes = 0
-    streams = [
-        (t, p) for t in (Topic.INGEST, Topic.CHANGES, Topic.FLUSH) for p in range(partitions)
-    ]
-    for topic, p in [*streams, (Topic.LIFECYCLE, 0)]:
-        erased, recorded = await _erase_topic(scripts, keys, topic, p, match, page)
-        entries[topic] += erased
+    for p in range(partitions):
+        erased, recorded = await _erase_topic(scripts, keys, Topic.INGEST, p, match, page)
+        entries[Topic.INGEST] += erased
         outcomes += recorded
+    deleted, locks = await _erase_keys(client, keys, match)
+    for topic in (Topic.CHANGES, Topic.FLUSH):
+        for p in range(partitions):
+            erased, recorded = await _erase_topic(scripts, keys, topic, p, match, page, locks)
+            entries[topic] += erased
+            outcomes += recorded
+    summarizers = [(Group.SUMMARIZER, p) for p in range(partitions)]
+    unsettled += await wait_settled(client, keys, summarizers, wait, waiting)
+    # A flush in flight took its memory's lock again, with a new fence.
+    deleted += await _delete(
+        client, [k for name in sorted(locks) for k in (keys.lock(name), keys.lock_fence(name))]
+    )
     letters = 0
     for p in range(partitions):
         letters += len(await _erase_entries(client, keys.dlq(p), match.owns_letter, page))
-    deleted = await _erase_keys(client, keys, match)
     outcomes += await _erase_outcomes(client, keys, match)
     return TenantErasure(
         tenant,
@@ -206,9 +266,10 @@ async def erase_tenant(
         changes=entries[Topic.CHANGES],
         flush=entries[Topic.FLUSH],
         dlq=letters,
-        lifecycle=entries[Topic.LIFECYCLE],
+        lifecycle=len(lifecycle),
         keys=deleted,
         outcomes=outcomes,
+        unsettled=tuple(unsettled),
     )
 
 
@@ -219,22 +280,43 @@ def _selector(topic: Topic, match: TenantMatch) -> Callable[[Mapping[str, str]],
 
 
 async def _erase_topic(
-    scripts: Scripts, keys: Keys, topic: Topic, p: int, match: TenantMatch, page: int
+    scripts: Scripts,
+    keys: Keys,
+    topic: Topic,
+    p: int,
+    match: TenantMatch,
+    page: int,
+    locks: set[str] | None = None,
 ) -> tuple[int, int]:
-    """The tenant's entries of one stream, then the outcomes its groups recorded for them."""
+    """The tenant's entries of one stream, then the outcomes its groups recorded for them;
+    ``locks`` gets the flush lock names of the memories the removed entries name."""
 
     async def remove_marked(ids: list[str]) -> None:
         # Removed and marked in one step, for the appender's batches in flight.
         await scripts("erase_entries", [keys.ingest(p), keys.counters(p)], ids)
 
+    selected = _selector(topic, match)
+
+    def select(fields: Mapping[str, str]) -> bool:
+        if not selected(fields):
+            return False
+        if locks is not None and fields.get("memory"):
+            locks.add(f"flush:{fields['memory']}")
+        return True
+
     remove = remove_marked if topic is Topic.INGEST else None
     stream = keys.topic(topic, p)
-    erased = await _erase_entries(scripts.client, stream, _selector(topic, match), page, remove)
+    erased = await _erase_entries(scripts.client, stream, select, page, remove)
+    return len(erased), await _hdel(scripts.client, _outcome_fields(keys, topic, p, erased))
+
+
+def _outcome_fields(keys: Keys, topic: Topic, p: int, ids: list[str]) -> dict[str, list[str]]:
+    """The outcome hash fields the groups of ``topic`` record for entries ``ids``."""
     buckets: dict[str, list[str]] = {}
-    for entry_id in erased:
+    for entry_id in ids:
         for group in TOPIC_GROUPS[topic]:
             buckets.setdefault(keys.outcomes(p, entry_id, group.value), []).append(entry_id)
-    return len(erased), await _hdel(scripts.client, buckets)
+    return buckets
 
 
 async def _erase_entries(
@@ -280,16 +362,21 @@ async def _delete(client: RedisClient, names: list[str]) -> int:
     return sum(int(n) for n in await pipe.execute())
 
 
-async def _erase_keys(client: RedisClient, keys: Keys, match: TenantMatch) -> int:
+async def _erase_keys(client: RedisClient, keys: Keys, match: TenantMatch) -> tuple[int, set[str]]:
+    """The tenant's keys; and the lock names of its memories (``flush:<memory id>``)
+    and of the locks among them."""
     deleted = 0
+    locks: set[str] = set()
     batch: list[str] = []
     async for name in client.scan_iter(match=f"{_glob(keys.namespace)}:*", count=SCAN_COUNT):
         if match.owns_key(str(name)):
             batch.append(str(name))
+            if lock := match.lock_name(str(name)):
+                locks.add(lock)
         if len(batch) >= DELETE_BATCH:
             deleted += await _delete(client, batch)
             batch = []
-    return deleted + await _delete(client, batch)
+    return deleted + await _delete(client, batch), locks
 
 
 async def _erase_outcomes(client: RedisClient, keys: Keys, match: TenantMatch) -> int:

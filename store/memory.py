@@ -211,6 +211,7 @@ class ApplyBatch:
                 "o": self._bucket(ending.entry_id),
                 "k": "ended",
                 "ev": ending.event_id,
+                "tn": ending.tenant,
                 "wf": ending.workflow,
                 "w": self._workflow_index(ending.tenant, ending.workflow),
                 "e": self._index(self._keys.ended(p, ending.tenant)),

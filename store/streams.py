@@ -46,13 +46,16 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Settle:
-    """An entry to acknowledge with an outcome; with ``letter``, dead-lettered first."""
+    """An entry to acknowledge with an outcome; with ``letter``, dead-lettered first.
+    ``tenant`` is recorded with the outcome when its detail names the tenant's data (a
+    workflow id), so that erasing the tenant finds it."""
 
     id: str
     status: str
     reason: str | None = None
     detail: str | None = None
     letter: dict[str, str] | None = None
+    tenant: str | None = None
 
 
 def _fields(flat: Sequence[str] | None) -> dict[str, str] | None:
@@ -182,6 +185,8 @@ class PartitionStreams:
                 item["reason"] = s.reason
             if s.detail:
                 item["detail"] = s.detail
+            if s.tenant:
+                item["tenant"] = s.tenant
             if s.letter is not None:
                 item["letter"] = [x for kv in s.letter.items() for x in kv]
             payload.append(item)

@@ -37,9 +37,10 @@
 --                     append, replace, restore: wf? (the writing workflow), w? (its index
 --                     key)
 --                     delete: ws? ({workflow id: index key} of the memory's writers)
---                     ended: wf, w, e (the ended key), ms (memories the workflow wrote),
---                     more? (more memories than one call takes: left pending); always
---                     the last op of a call
+--                     ended: tn (the tenant, recorded with the outcome, which names the
+--                     workflow), wf, w, e (the ended key), ms (memories the workflow
+--                     wrote), more? (more memories than one call takes: left pending);
+--                     always the last op of a call
 --                     (drop: refused by policy, acknowledged with its outcome, no letter)
 -- ARGV[5] mems        JSON list of {id (memory id), ttl (data TTL, ms), t, r (its tenant
 --                     and resource index keys), e (its tenant's ended key), pol (the
@@ -547,11 +548,11 @@ for i, op in ipairs(ops) do
       status = 'partial'
     elseif status == 'again' then
       status = 'duplicate'
-      record(op, {status = 'duplicate', reason = 'already_ended',
+      record(op, {status = 'duplicate', reason = 'already_ended', tenant = op.tn,
                   detail = 'workflow ' .. op.wf .. ' had ended already'})
     else
       status = 'applied'
-      record(op, {status = 'applied', detail = detail})
+      record(op, {status = 'applied', detail = detail, tenant = op.tn})
     end
   elseif status == 'apply' then
     status = 'applied'

@@ -10,7 +10,8 @@
 -- ARGV[2] group       the consumer group
 -- ARGV[3] outcome_ms  how long outcomes are kept
 -- ARGV[4] settles     JSON list of {id, o (1-based bucket index), status, reason?,
---                     detail?, letter? (flat list of dead letter fields)}
+--                     detail?, tenant? (whose data the detail names), letter? (flat
+--                     list of dead letter fields)}
 -- Returns {'stale'} or {'ok', dead_letter_ids (false where none)}.
 local lease, stream, attempts, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local value, group = ARGV[1], ARGV[2]
@@ -24,7 +25,7 @@ end
 local letters = {}
 local touched = {}
 for i, s in ipairs(settles) do
-  local outcome = {status = s.status, reason = s.reason, detail = s.detail}
+  local outcome = {status = s.status, reason = s.reason, detail = s.detail, tenant = s.tenant}
   letters[i] = false
   -- Not pending any more: settled before (a retried call); never dead-letter twice.
   if s.letter and pending(stream, group, s.id) then

@@ -21,12 +21,22 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from events import EndedPayload, MessageAppended, Receipt, WorkflowEnded, WorkflowStatus, event_json
+from events import (
+    EndedPayload,
+    MessageAppended,
+    Receipt,
+    WorkflowEnded,
+    WorkflowStatus,
+    WorkflowTerminated,
+    event_json,
+)
 from events.envelope import AppendPayload, MemoryName
 from memory import FlushStrategy, InvalidReferenceError, MemoryRef, Message, Role, partition_for
+from processors.summarizer import Summarizer
 from store import (
     ApplyBatch,
     Ending,
+    Flushes,
     Group,
     Keys,
     Leases,
@@ -38,8 +48,9 @@ from store import (
     ensure_groups,
 )
 from store.erasure import TenantMatch, erase_tenant, tenant_remnants
-from store.lock import DistributedLock
-from tests.runtime.conftest import FAST, PARTITIONS, ROOT, Rig, appended, user
+from store.inflight import InFlight
+from store.lock import DistributedLock, Held
+from tests.runtime.conftest import FAST, PARTITIONS, ROOT, TOKENIZERS, Rig, appended, user
 
 WORDS = " ".join(f"word{i}" for i in range(300))  # about 600 tokens a message
 #: The CLI, with erase-tenant registered on it if cli.py does not yet.
@@ -136,6 +147,12 @@ class Tenant:
 
 def _secret(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:12]}"
+
+
+def _workflow() -> str:
+    """A new workflow id of acme's that is kept as it is: no digits, so no redaction
+    pattern of the resources (phone numbers, say) makes a pseudonym of it."""
+    return "wf-acme-" + uuid.uuid4().hex[:12].translate(str.maketrans("0123456789", "ghijklmnop"))
 
 
 async def _counted(rig: Rig, ref: MemoryRef) -> bool:
@@ -338,6 +355,31 @@ async def _outcomes(rig: Rig, receipts: list[Receipt]) -> list[str]:
     return [str(o) for o in found if o is not None]
 
 
+async def test_the_outcomes_of_a_workflows_end_go_with_its_tenant(rig: Rig, namespace: str) -> None:
+    """A workflow ended before the erasure: its lifecycle entry and its ends in the
+    ingest streams are settled and trimmed, and only their outcomes, which name the
+    workflow, are left of it."""
+    workflow = _workflow()
+    rig.start("appender")
+    rig.start_cleanup()
+    ref = MemoryRef("acme", "customer-support", "ended-before")
+    await rig.publisher.append(ref, user("x"), workflow_id=workflow, wait=True)
+    await rig.publisher.workflow_terminated("acme", workflow, wait=True)
+
+    async def trimmed() -> bool:
+        return traces(streams(await dump(rig.client, namespace)), [workflow]) == []
+
+    await rig.eventually(trimmed, what="the ends to be trimmed")
+    await rig.stop_all()
+    left = traces(await dump(rig.client, namespace), [workflow])
+    assert len([t for t in left if ":out:" in t]) == PARTITIONS + 1, left
+
+    await erase_tenant(rig.scripts, rig.keys, "acme", partitions=PARTITIONS)
+
+    assert traces(await dump(rig.client, namespace), [workflow]) == []
+    assert await tenant_remnants(rig.client, rig.keys, "acme") == []
+
+
 async def test_a_batch_read_before_the_erasure_and_applied_after_it_brings_nothing_back(
     rig: Rig,
 ) -> None:
@@ -407,6 +449,141 @@ async def test_a_batch_read_before_the_erasure_and_applied_after_it_brings_nothi
         assert outcome is not None and outcome.status == "erased"
 
 
+# The cleanup processor at work during the erasure.
+
+
+def _in_partition(tenant: str, p: int) -> MemoryRef:
+    return next(
+        ref
+        for i in range(10_000)
+        if partition_for(
+            (ref := MemoryRef(tenant, "customer-support", f"later{i}")).memory_id, PARTITIONS
+        )
+        == p
+    )
+
+
+async def _drained(rig: Rig) -> None:
+    """Every ingest entry published so far is settled: an append published now to each
+    partition is applied after them (stream order)."""
+    for p in range(PARTITIONS):
+        published = await rig.publisher.append(_in_partition("acme2", p), user("x"), wait=True)
+        assert published.outcome is not None and published.outcome.ok, published.outcome
+
+
+@dataclass
+class HeldEnd:
+    """The cleanup processor's step of sending a workflow's end, held at its start until
+    ``release`` is set; ``sent`` is what it sent, once it has."""
+
+    reached: asyncio.Event
+    release: asyncio.Event
+    sent: list[Receipt]
+
+
+def hold_ends(rig: Rig) -> HeldEnd:
+    real = rig.publisher.end_workflow
+    held = HeldEnd(asyncio.Event(), asyncio.Event(), [])
+
+    async def end_workflow(event: WorkflowTerminated) -> list[Receipt]:
+        held.reached.set()
+        await held.release.wait()
+        receipts = await real(event)
+        held.sent.extend(receipts)
+        return receipts
+
+    rig.publisher.end_workflow = end_workflow  # type: ignore[method-assign]
+    return held
+
+
+async def _lifecycle_settled(rig: Rig) -> bool:
+    """The cleanup group holds no pending entry of the lifecycle stream."""
+    return int((await rig.client.xpending(rig.keys.lifecycle, Group.CLEANUP.value))["pending"]) == 0
+
+
+async def test_an_end_the_cleanup_processor_sends_during_the_erasure_leaves_nothing(
+    rig: Rig, namespace: str
+) -> None:
+    """The cleanup processor read the tenant's workflow.terminated before the erasure and
+    sends its end into the ingest streams while the erasure runs: the erasure waits for
+    that step, then sweeps what it sent."""
+    workflow = _workflow()
+    ref = MemoryRef("acme", "customer-support", "ended-during-erasure")
+    kept = MemoryRef("acme2", "customer-support", "kept")
+    rig.start("appender")
+    rig.start_cleanup()
+    await rig.publisher.append(ref, user("hello"), workflow_id=workflow, wait=True)
+    await rig.publisher.append(kept, user("keep me"), wait=True)
+    held = hold_ends(rig)
+    terminated = await rig.publisher.workflow_terminated("acme", workflow)
+    assert terminated.receipt is not None
+    await asyncio.wait_for(held.reached.wait(), 10)
+
+    seen: list[list[InFlight]] = []
+
+    def waiting(found: list[InFlight]) -> None:
+        seen.append(found)
+        held.release.set()  # the erasure waits for the step: let it go on
+
+    erasure = asyncio.create_task(
+        erase_tenant(rig.scripts, rig.keys, "acme", partitions=PARTITIONS, waiting=waiting)
+    )
+    erasure.add_done_callback(lambda _: held.release.set())
+    erased = await erasure
+
+    assert len(held.sent) == PARTITIONS, "the erasure finished before the end was sent"
+    entry = terminated.receipt.entry_id
+    assert seen == [[InFlight(rig.keys.lifecycle, "cleanup", "cleanup", (entry,))]]
+    assert erased.lifecycle == 1 and erased.unsettled == ()
+    await _drained(rig)
+    assert await _lifecycle_settled(rig)
+    assert await tenant_remnants(rig.client, rig.keys, "acme") == []
+    assert traces(await dump(rig.client, namespace), [workflow, "acme/"]) == []
+    assert await rig.contents(kept) == ["keep me"]
+
+
+async def test_an_erasure_does_not_wait_for_a_dead_cleanup_worker_and_its_heir_sends_nothing(
+    rig: Rig, namespace: str
+) -> None:
+    """A cleanup worker read the tenant's workflow.terminated and died (its lease gone,
+    the entry pending for it): the erasure removes the entry without waiting, and the
+    next holder settles it as erased without sending the end anywhere."""
+    workflow = _workflow()
+    await ensure_groups(rig.scripts, rig.keys, 0)
+    terminated = await rig.publisher.workflow_terminated("acme", workflow)
+    assert terminated.receipt is not None
+    entry = terminated.receipt.entry_id
+    read = await rig.client.xreadgroup(
+        Group.CLEANUP.value, "dead-worker", {rig.keys.lifecycle: ">"}, count=10
+    )
+    assert read and [str(i) for i, _ in read[0][1]] == [entry]
+
+    # It would wait a minute for the dead worker's entry: it waits for none.
+    erased = await asyncio.wait_for(
+        erase_tenant(rig.scripts, rig.keys, "acme", partitions=PARTITIONS, wait=60), 20
+    )
+
+    assert erased.lifecycle == 1 and erased.unsettled == ()
+    # The entry is gone, its id still pending for the dead worker: an id, no data.
+    assert await rig.client.xrange(rig.keys.lifecycle) == []
+    pending = await rig.client.xpending_range(rig.keys.lifecycle, Group.CLEANUP.value, "-", "+", 10)
+    assert [(str(p["message_id"]), str(p["consumer"])) for p in pending] == [(entry, "dead-worker")]
+    assert await tenant_remnants(rig.client, rig.keys, "acme") == []
+    assert traces(await dump(rig.client, namespace), [workflow]) == []
+
+    rig.start("appender")
+    held = hold_ends(rig)
+    held.release.set()
+    rig.start_cleanup()
+    await rig.eventually(lambda: _lifecycle_settled(rig), what="the heir to settle it")
+    await _drained(rig)
+    assert held.sent == [] and not held.reached.is_set()
+    outcome = await rig.reader.outcome(0, entry, group=Group.CLEANUP)
+    assert outcome is not None and outcome.status == "erased", outcome
+    assert await tenant_remnants(rig.client, rig.keys, "acme") == []
+    assert traces(await dump(rig.client, namespace), [workflow, "acme/"]) == []
+
+
 async def test_remnants_are_found_in_every_kind_of_value(rig: Rig) -> None:
     ns = rig.keys.namespace
     mentions = {
@@ -467,6 +644,21 @@ async def test_remnants_are_found_in_every_kind_of_value(rig: Rig) -> None:
 )
 def test_only_the_tenants_own_keys_are_its(name: str, owned: bool) -> None:
     assert TenantMatch.of(Keys("ms"), "acme").owns_key(name) is owned
+
+
+@pytest.mark.parametrize(
+    ("name", "lock"),
+    [
+        ("ms:m:{3}:acme/customer-support/k:log", "flush:acme/customer-support/k"),
+        ("ms:m:{3}:acme/customer-support/k~0123:backup", "flush:acme/customer-support/k~0123"),
+        ("ms:lock:{flush:acme/customer-support/k}", "flush:acme/customer-support/k"),
+        ("ms:lockfence:{flush:acme/customer-support/k}", "flush:acme/customer-support/k"),
+        ("ms:tenant:{0}:acme", ""),
+        ("ms:ended:{0}:acme", ""),
+    ],
+)
+def test_the_lock_of_each_of_the_tenants_keys_is_named(name: str, lock: str) -> None:
+    assert TenantMatch.of(Keys("ms"), "acme").lock_name(name) == lock
 
 
 def test_events_and_texts_of_the_tenant_are_told_from_others() -> None:
@@ -553,3 +745,109 @@ async def test_the_cli_needs_yes_then_prints_the_counts(
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("erased tenant acme: 0 stream entries")
     assert "verified" in again.stdout
+
+
+class HeldLock(DistributedLock):
+    """Takes a lock only once ``release`` is set (``reached``: it was asked for one)."""
+
+    def __init__(self, rig: Rig) -> None:
+        super().__init__(rig.scripts, rig.keys)
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def acquire(self, name: str, ttl: float, *, wait: float = 0.0) -> Held | None:
+        self.reached.set()
+        await self.release.wait()
+        return await super().acquire(name, ttl, wait=wait)
+
+
+async def _flushes_settled(rig: Rig) -> bool:
+    for p in range(PARTITIONS):
+        pending = await rig.client.xpending(rig.keys.flush(p), Group.SUMMARIZER.value)
+        if int(pending["pending"]):
+            return False
+    return True
+
+
+async def test_a_flush_the_summarizer_read_before_the_erasure_leaves_no_lock(
+    rig: Rig, namespace: str
+) -> None:
+    """The summarizer read a flush request of the tenant's memory before the erasure and
+    takes the memory's lock (a new fence key) once the erasure removed the memory: the
+    erasure waits for that flush, then removes the lock again."""
+    lock = HeldLock(rig)
+    flushes = Flushes(rig.scripts, rig.keys)
+    rig.start("appender")
+    rig.start("summarizer", Summarizer(flushes, rig.registry, TOKENIZERS, lock=lock))
+    ref = MemoryRef("acme", "customer-support", "flushed")
+    for i in range(3):
+        await rig.publisher.append(ref, user(f"message {i}"), wait=True)
+    await rig.publisher.request_flush(ref, strategy=FlushStrategy.FIFO, wait=True)
+    await asyncio.wait_for(lock.reached.wait(), 10)
+
+    seen: list[list[InFlight]] = []
+
+    def waiting(found: list[InFlight]) -> None:
+        seen.append(found)
+        lock.release.set()
+
+    erasure = asyncio.create_task(
+        erase_tenant(rig.scripts, rig.keys, "acme", partitions=PARTITIONS, waiting=waiting)
+    )
+    erasure.add_done_callback(lambda _: lock.release.set())
+    erased = await erasure
+    await rig.eventually(lambda: _flushes_settled(rig), what="the flush to end")
+
+    p = partition_for(ref.memory_id, PARTITIONS)
+    assert [[(f.stream, f.group) for f in found] for found in seen] == [
+        [(rig.keys.flush(p), "summarizer")]
+    ]
+    assert erased.flush == 1 and erased.unsettled == ()
+    assert await tenant_remnants(rig.client, rig.keys, "acme") == []
+    assert traces(await dump(rig.client, namespace), ["acme/"]) == []
+
+
+async def test_the_cli_says_when_it_gave_up_waiting_for_the_cleanup_processor(
+    rig: Rig, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    workflow = _workflow()
+    rig.start("appender")
+    rig.start_cleanup()
+    held = hold_ends(rig)
+    terminated = await rig.publisher.workflow_terminated("acme", workflow)
+    assert terminated.receipt is not None
+    entry = terminated.receipt.entry_id
+    await asyncio.wait_for(held.reached.wait(), 10)
+
+    gave_up = await asyncio.to_thread(
+        _cli, redis_url, namespace, tmp_path, "acme", "--yes", "--verify", "--wait", "0.5"
+    )
+    assert gave_up.returncode == 1, gave_up.stderr
+    in_flight = f"cleanup worker cleanup: 1 entry of {rig.keys.lifecycle}"
+    assert (
+        f"waiting up to 0.5s for what processors read before an erasure removed it: "
+        f"{in_flight}\n" in gave_up.stderr
+    )
+    assert f"still in flight after 0.5s: {in_flight} ({entry})." in gave_up.stderr
+    assert "run erase-tenant again" in gave_up.stderr and "verified" not in gave_up.stdout
+    # Run again while the step is still in flight: it waits for it too (and gives up).
+    as_json = await asyncio.to_thread(
+        _cli, redis_url, namespace, tmp_path, "acme", "--yes", "--json", "--wait", "0"
+    )
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["unsettled"] == [
+        {"stream": rig.keys.lifecycle, "group": "cleanup", "worker": "cleanup", "entries": [entry]}
+    ]
+
+    # The step goes on after the erasure: its end names the tenant again, as announced.
+    held.release.set()
+    await rig.eventually(lambda: _lifecycle_settled(rig), what="the cleanup step")
+    await _drained(rig)
+    assert len(held.sent) == PARTITIONS
+    assert await tenant_remnants(rig.client, rig.keys, "acme")
+    again = await asyncio.to_thread(
+        _cli, redis_url, namespace, tmp_path, "acme", "--yes", "--verify"
+    )
+    assert again.returncode == 0, again.stderr
+    assert "verified" in again.stdout and "waiting" not in again.stderr
+    assert traces(await dump(rig.client, namespace), [workflow, "acme/"]) == []
