@@ -218,8 +218,8 @@ def rows_for(
     return [{**r, "caveats": doubts} if doubts and r["ratio"] else r for r in rows]
 
 
-#: An open-loop sender that started its sends later than this behind schedule (p99, ms)
-#: did not offer the load it was asked to: the machine could not keep up.
+#: An open-loop sender that started its calls later than this behind schedule (p99, ms)
+#: did not offer the load it was asked to.
 LATE_MS = 10.0
 
 
@@ -238,9 +238,9 @@ def caveats(scenario: str, report: dict[str, Any] | None) -> list[str]:
         return []
     worst = ", ".join(f"{k} {v:,.0f} ms" for k, v in behind.items())
     return [
-        f"the open-loop sender fell behind its schedule (p99 of how late sends started: "
-        f"{worst}): the machine did not offer the asked rate, so these latencies include "
-        f"queueing in the sender"
+        f"calls started behind the open-loop schedule (p99 of how late: {worst}): a "
+        f"memory's previous call had not returned yet, or the producers' process could not "
+        f"keep up; latencies run from each call's start and leave that delay out"
     ]
 
 
