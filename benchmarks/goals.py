@@ -203,6 +203,12 @@ def declared(report: dict[str, Any], scenario: str) -> list[dict[str, Any]] | No
     return rows
 
 
+def reason(report: dict[str, Any], goal: Goal) -> str:
+    """What the report says about why the goal's figure may be missing ("": nothing)."""
+    why = dig(report, goal.why) if goal.why else None
+    return why if isinstance(why, str) else ""
+
+
 def rows_for(
     scenario: str, report: dict[str, Any] | None, missing: str = ""
 ) -> list[dict[str, Any]]:
@@ -214,7 +220,7 @@ def rows_for(
     if report is None:
         return [row(g, None, missing) for g in goals]
     doubts = caveats(scenario, report)
-    rows = [row(g, dig(report, g.path), str(dig(report, g.why) or "")) for g in goals]
+    rows = [row(g, dig(report, g.path), reason(report, g)) for g in goals]
     return [{**r, "caveats": doubts} if doubts and r["ratio"] else r for r in rows]
 
 
