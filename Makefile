@@ -28,10 +28,18 @@ contract: ## Regenerate the committed JSON Schema and conformance vectors
 docs: ## Regenerate the configuration reference (docs/configuration.md) from the models
 	$(PY) -m processors.docgen --write
 
-bench: ## Run the append benchmark (see benchmarks/README.md)
+BENCH_RUN ?= benchmarks/results/$(shell date -u +%Y%m%d-%H%M)-$(shell git rev-parse --short HEAD).json
+
+bench: ## Run every hot-path goal's benchmark, print one table, save the run (benchmarks/README.md)
+	$(PY) benchmarks/suite.py --save $(BENCH_RUN) $(BENCH_ARGS)
+
+bench-readme: ## Regenerate the README's Performance table from the newest saved run
+	$(PY) benchmarks/readme_table.py --write
+
+bench-append: ## Run the append benchmark alone (see benchmarks/README.md)
 	$(PY) benchmarks/append.py
 
 bench-accountant: ## Run the accountant benchmark (see benchmarks/README.md)
 	$(PY) benchmarks/accountant.py
 
-.PHONY: help venv lint format test test-fast contract docs bench bench-accountant
+.PHONY: help venv lint format test test-fast contract docs bench bench-readme bench-append bench-accountant

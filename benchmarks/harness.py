@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from processors import Processor, Settings, Worker
 from processors.assignment import assigned
-from store import Keys, RedisClient, RedisServerProcess, find_server_binary
+from store import Keys, RedisClient, RedisServerProcess, Scripts, find_server_binary
 from store.embedded import server_version
 
 
@@ -357,6 +358,27 @@ class WorkerPool:
                 proc.kill()
                 proc.wait()
         self.processes.clear()
+
+
+# --- in-process workers -------------------------------------------------------------
+
+
+async def run_until_idle(
+    client: RedisClient,
+    scripts: Scripts,
+    keys: Keys,
+    processor: Processor,
+    settings: Settings,
+    name: str,
+    timeout: float,
+) -> None:
+    """A worker of ``processor`` until every partition is idle; it then releases its
+    leases and leaves the membership, as a stopped processor does."""
+    worker = Worker(
+        client, scripts, keys, processor, settings.partitions, settings.worker_config(), name
+    )
+    async with asyncio.timeout(timeout):
+        await worker.run(asyncio.Event(), until_idle=True)
 
 
 # --- the machine --------------------------------------------------------------------

@@ -19,7 +19,6 @@ sample of moved memories; any difference stops the run with exit code 2.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
 import sys
@@ -38,6 +37,7 @@ from harness import (
     load_average,
     machine_info,
     redis_info,
+    run_until_idle,
     source_version,
 )
 from redis.asyncio import Redis
@@ -46,7 +46,7 @@ from workload import Item, memory_key, message_for
 
 from events import AppendPayload, MemoryName, MessageAppended, Publisher
 from memory import MemoryRef, ResourceRegistry, partition_for
-from processors import Appender, Processor, Settings, Worker
+from processors import Appender, Settings
 from processors.accountant import Accountant
 from processors.tokenizers import Tokenizers
 from store import (
@@ -116,24 +116,6 @@ def events_for(opts: Options) -> list[MessageAppended]:
         for i in range(opts.messages)
         for m in range(opts.memories)
     ]
-
-
-async def run_until_idle(
-    client: RedisClient,
-    scripts: Scripts,
-    keys: Keys,
-    processor: Processor,
-    settings: Settings,
-    name: str,
-    timeout: float,
-) -> None:
-    """A worker of ``processor`` until every partition is idle; it then releases its
-    leases and leaves the membership, as a stopped processor does."""
-    worker = Worker(
-        client, scripts, keys, processor, settings.partitions, settings.worker_config(), name
-    )
-    async with asyncio.timeout(timeout):
-        await worker.run(asyncio.Event(), until_idle=True)
 
 
 async def build(

@@ -47,6 +47,9 @@ class Result:
     wait_overhead_ms: dict[str, float] | None = None
     clock: dict[str, float] = field(default_factory=dict)
     checked: str = ""
+    workers: int = 0  # memstream: appender worker processes
+    # paced runs: how late sends started behind the open-loop schedule (ms)
+    pacing_ms: dict[str, float] | None = None
 
 
 def one_line(r: Result) -> str:
@@ -95,6 +98,11 @@ def summarize(runs: list[list[Result]]) -> dict[str, Any]:
             "publish_rate": spread([r.publish_rate for r in rs]),
             "background_cores": [r.background_cores for r in rs],
         }
+        if rs[0].workers:
+            entry["workers"] = rs[0].workers
+        if rs[0].pacing_ms is not None:
+            entry["late_p99_ms"] = spread([(r.pacing_ms or {})["p99"] for r in rs])
+            entry["most_in_flight"] = [(r.pacing_ms or {})["most_in_flight"] for r in rs]
         if rs[0].sdk_latency_ms is not None:
             entry["sdk_p50_ms"] = spread([(r.sdk_latency_ms or {})["p50"] for r in rs])
             entry["sdk_p99_ms"] = spread([(r.sdk_latency_ms or {})["p99"] for r in rs])
@@ -118,6 +126,30 @@ def summarize(runs: list[list[Result]]) -> dict[str, Any]:
             "p50": spread([lat(m, "p50") / b.latency_ms["p50"] for m, b in pairs]),
             "p99": spread([lat(m, "p99") / b.latency_ms["p99"] for m, b in pairs]),
         }
+    return out
+
+
+def cross_ratios(runs: list[list[Result]]) -> dict[str, Any]:
+    """Throughput ratios between scenarios of the same run, then their median and range:
+    batched memstream against the peer, and with more appender workers against one."""
+    pairs = {
+        "batched_vs_peer": (("memstream", "batched"), "peer"),
+        "scaled_vs_batched": (("memstream", "scaled"), ("memstream", "batched")),
+    }
+    out: dict[str, Any] = {}
+    for name, (top, bottom) in pairs.items():
+        values: list[float] = []
+        for results in runs:
+            upper = [r for r in results if (r.system, r.label) == top]
+            lower = [
+                r
+                for r in results
+                if (r.label == bottom if isinstance(bottom, str) else (r.system, r.label) == bottom)
+            ]
+            if upper and lower:
+                values.append(upper[0].throughput / lower[0].throughput)
+        if values:
+            out[name] = spread(values)
     return out
 
 
@@ -156,15 +188,18 @@ def render(report: dict[str, Any]) -> str:
     ]
     for label, pair in report["summary"].items():
         name = ""
-        for system in ("baseline", "memstream"):
+        others = sorted(set(pair) - {"baseline", "memstream", "ratio"})
+        for system in ("baseline", "memstream", *others):
             if system not in pair:
                 continue
             e = pair[system]
             name = "" if name else f"{label}: batch {e['batch']}, N={e['messages']:,}"
+            workers = e.get("workers")
+            workers = f", {workers} worker{'s' if workers != 1 else ''}" if workers else ""
             lines.append(
                 row(
                     name,
-                    system,
+                    system + workers,
                     fmt(e["throughput"], 0, n),
                     fmt(e["p50_ms"], 2, n),
                     fmt(e["p99_ms"], 2, n),
@@ -200,6 +235,24 @@ def render(report: dict[str, Any]) -> str:
                     fmt(ra["p99"], 1, n),
                 )
             )
+    names = {
+        "batched_vs_peer": "batched memstream / peer, throughput",
+        "scaled_vs_batched": "batched memstream, more workers / one, throughput",
+    }
+    for key, value in report.get("ratios", {}).items():
+        lines.append(f"{names.get(key, key):<60}{fmt(value, 3, n):>26}")
+    for key, note in report.get("peers", {}).items():
+        lines.append(f"peer {key}: {note}")
+    late = [
+        f"{label} {system} {fmt(e['late_p99_ms'], 2, n)} (most in flight {e['most_in_flight']})"
+        for label, pair in report["summary"].items()
+        for system, e in pair.items()
+        if "late_p99_ms" in e
+    ]
+    if late:
+        lines.append(
+            "open loop: how late sends started behind schedule, p99 ms: " + "; ".join(late)
+        )
     lines.append("")
     lines.append(
         "per run: CPU us per message (producer process / appender workers / Redis), Redis "
@@ -208,7 +261,7 @@ def render(report: dict[str, Any]) -> str:
     for i, results in enumerate(report["runs"]):
         for r in results:
             cpu = r["cpu_us_per_msg"]
-            workers = "-" if r["system"] == "baseline" else cpu["workers"]
+            workers = cpu["workers"] if r["system"] == "memstream" else "-"
             lines.append(
                 f"  run {i + 1} {r['system']:<10} {r['label']:<8} {cpu['producer']} / {workers} / "
                 f"{cpu['redis']}; {r['redis_calls_per_msg']:.1f} commands; "

@@ -78,23 +78,59 @@ async def drive(
     batch: int,
     rate: float,
     send: Callable[[Sequence[Item]], Awaitable[None]],
-) -> None:
-    """Run every producer concurrently; each sends its items in batches, one batch at a
-    time (the next after the previous returned), paced when ``rate`` (messages/s, all
-    producers together) is set."""
-    producers = len(lists)
-    interval = batch * producers / rate if rate > 0 else 0.0
-    start = time.monotonic()
+) -> dict[str, float] | None:
+    """Run every producer concurrently, each sending its items in batches.
 
-    async def producer(k: int, items: list[Item]) -> None:
-        for j, chunk in enumerate(chunks(items, batch)):
-            if interval:
+    Unpaced (``rate`` 0), closed loop: a producer sends its next batch as soon as the
+    previous call returned. Paced (``rate`` messages/s over all producers), open loop:
+    a producer starts each send at its due time whether or not its earlier sends have
+    returned, so a slow call does not slow the offered load down. The one exception is
+    a memory's own order: a send waits for the earlier send of any memory it shares
+    (an agent publishes a conversation's next message after the previous call
+    returned). Returns, when paced, how late sends started behind schedule (ms), and
+    the most sends in flight at once."""
+    producers = len(lists)
+    if rate <= 0:
+
+        async def closed(items: list[Item]) -> None:
+            for chunk in chunks(items, batch):
+                await send(chunk)
+
+        async with asyncio.TaskGroup() as tg:
+            for items in lists:
+                tg.create_task(closed(items))
+        return None
+
+    interval = batch * producers / rate
+    start = time.monotonic()
+    late_ms: list[float] = []
+    last: dict[int, asyncio.Task[None]] = {}  # memory -> its latest send
+    flight = [0, 0]  # sends in flight now, the most at once
+
+    async with asyncio.TaskGroup() as tg:
+
+        async def one(chunk: Sequence[Item], due: float, before: set[asyncio.Task[None]]) -> None:
+            if before:
+                await asyncio.wait(before)
+            late_ms.append((time.monotonic() - due) * 1000)
+            flight[0] += 1
+            flight[1] = max(flight)
+            try:
+                await send(chunk)
+            finally:
+                flight[0] -= 1
+
+        async def paced(k: int, items: list[Item]) -> None:
+            for j, chunk in enumerate(chunks(items, batch)):
                 due = start + (j + k / producers) * interval
                 delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await send(chunk)
+                before = {t for i in chunk if (t := last.get(i.memory)) and not t.done()}
+                task = tg.create_task(one(chunk, due, before))
+                for i in chunk:
+                    last[i.memory] = task
 
-    async with asyncio.TaskGroup() as tg:
         for k, items in enumerate(lists):
-            tg.create_task(producer(k, items))
+            tg.create_task(paced(k, items))
+    return {**summary(late_ms), "most_in_flight": flight[1]}
