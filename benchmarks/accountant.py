@@ -23,7 +23,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -67,6 +67,7 @@ from store import (
     MemoryStore,
     RedisClient,
     Scripts,
+    ToCount,
     connect,
     describe,
     ensure_partitions,
@@ -385,11 +386,14 @@ class TimedAccounts(Accounts):
         self._read_end: tuple[float, float] | None = None  # wall, CPU
 
     async def messages(
-        self, partition: int, wanted: dict[str, set[int]]
-    ) -> dict[str, dict[int, StoredMessage]]:
+        self,
+        partition: int,
+        wanted: dict[str, set[int]],
+        rules: Mapping[str, str] | None = None,
+    ) -> dict[str, ToCount]:
         if self.first_read is None:
             self.first_read = time.perf_counter()
-        found = await super().messages(partition, wanted)
+        found = await super().messages(partition, wanted, rules)
         self._read_end = (time.perf_counter(), time.process_time())
         return found
 

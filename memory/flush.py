@@ -31,6 +31,8 @@ them.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +44,11 @@ from memory.resource import FlushStrategy, MemoryResource, MemoryType, Priority
 
 #: The smallest summary worth writing, in tokens (with its message framing).
 MIN_SUMMARY_TOKENS = 16
+
+#: Part of ``Priorities.fingerprint``: change it when what makes a message protected
+#: changes in code (``Priorities.is_protected``, ``text_of``), so that indexes of
+#: protected messages built before are rebuilt.
+PROTECTION_RULES_VERSION = 1
 
 
 def _floor(x: float) -> int:
@@ -143,12 +150,28 @@ class Plan:
 
 class Priorities:
     """A message's priority: explicit, else the highest of its role's and its matching
-    keywords'. Summaries rank just below the protected level."""
+    keywords'. Summaries rank just below the protected level.
+
+    ``fingerprint`` names what decides which messages are protected (the protected
+    level, the roles and the keyword patterns at or above it): an index of protected
+    messages built under one fingerprint holds under any rules with the same one."""
 
     def __init__(self, priority: Priority) -> None:
         self._roles = priority.roles
         self._keywords = [(compile_pattern(k.pattern), k.priority) for k in priority.keywords]
         self.protected = priority.protected
+        # Only keywords that reach the protected level can make a message protected.
+        self._protecting = [p for p, value in self._keywords if value >= self.protected]
+        rules = {
+            "version": PROTECTION_RULES_VERSION,
+            "protected": self.protected,
+            "roles": sorted(r.value for r, v in priority.roles.items() if v >= self.protected),
+            "keywords": sorted(
+                k.pattern for k in priority.keywords if k.priority >= self.protected
+            ),
+        }
+        text = json.dumps(rules, sort_keys=True, separators=(",", ":"))
+        self.fingerprint = hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
     def of(self, message: StoredMessage) -> int:
         if message.is_summary:
@@ -164,7 +187,37 @@ class Priorities:
         return level
 
     def is_protected(self, message: StoredMessage) -> bool:
-        return not message.is_summary and self.of(message) >= self.protected
+        """``of(message) >= protected`` (never a summary), matching only the keywords
+        that reach the protected level."""
+        if message.is_summary:
+            return False
+        if message.priority is not None:
+            return message.priority >= self.protected
+        if self._roles.get(message.role, 0) >= self.protected:
+            return True
+        if self._protecting:
+            text = text_of(message)
+            return any(pattern.search(text) for pattern in self._protecting)
+        return False
+
+
+class PrioritiesCache:
+    """``Priorities`` per resource, built (its patterns compiled) once for each
+    ``Priority`` object: a registry reload brings new objects, which are built anew."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._built: dict[int, tuple[Priority, Priorities]] = {}
+
+    def of(self, priority: Priority) -> Priorities:
+        found = self._built.get(id(priority))
+        if found is not None and found[0] is priority:
+            return found[1]
+        if len(self._built) >= self._size:
+            self._built.clear()
+        built = Priorities(priority)
+        self._built[id(priority)] = (priority, built)  # holds the object: its id stays its own
+        return built
 
 
 def text_of(message: StoredMessage) -> str:
@@ -381,8 +434,11 @@ def fit_budget(
 ) -> tuple[list[Counted], bool]:
     """What a reader may put in a context of ``budget`` tokens, oldest first: protected
     messages first, then the newest others that still fit. When the protected messages
-    alone exceed the budget, the newest of them that fit, and True (over budget)."""
-    protected = [e for e in entries if priorities.is_protected(e.message)]
+    alone exceed the budget, the newest of them that fit, and True (over budget).
+    ``store/lua/read_context.lua`` applies the same rule in Redis when every message is
+    counted (tests/store/test_read_context.py compares the two)."""
+    flags = [priorities.is_protected(e.message) for e in entries]
+    protected = [e for e, flag in zip(entries, flags, strict=True) if flag]
     room = budget
     chosen: set[int] = set()
     over = sum(e.tokens for e in protected) > budget
@@ -391,8 +447,8 @@ def fit_budget(
             chosen.add(e.seq)
             room -= e.tokens
     if not over:
-        for e in reversed(entries):
-            if e.seq in chosen or priorities.is_protected(e.message):
+        for e, flag in zip(reversed(entries), reversed(flags), strict=True):
+            if flag:
                 continue
             if e.tokens > room:
                 break  # no gaps: an older message never skips past a newer one left out

@@ -1,6 +1,8 @@
 """The accountant: counts the tokens of every applied message (with its memory's model),
-keeps each memory's exact token total, and emits a flush request when a memory reaches
-its resource's threshold. It consumes ``changes:{p}``, the appender's change events."""
+keeps each memory's exact token total and its index of the messages its resource's
+priority rules protect (what budget reads find older than their window), and emits a
+flush request when a memory reaches its resource's threshold. It consumes
+``changes:{p}``, the appender's change events."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import time
 import uuid
 from collections import defaultdict
 
-from memory import MemoryRef, ResourceRegistry
+from memory import MemoryRef, MemoryResource, ResourceRegistry
+from memory.flush import PrioritiesCache
 from processors.metrics import Metrics
 from processors.port import Batch, Handled
 from processors.tokenizers import Tokenizers
@@ -53,6 +56,7 @@ class Accountant:
         self._accounts = accounts
         self.registry = registry  # replaced as a whole on reload (SIGHUP)
         self._tokenizers = tokenizers
+        self._priorities = PrioritiesCache()
 
     async def process(self, batch: Batch) -> Handled:
         wanted: dict[tuple[str, int], set[int]] = defaultdict(set)
@@ -61,25 +65,36 @@ class Accountant:
             if found is not None:
                 wanted[(found[0], found[1])].update(found[2])
         by_memory: dict[str, set[int]] = defaultdict(set)
+        resources: dict[str, MemoryResource] = {}
         for (memory_id, _), wanted_seqs in wanted.items():
             by_memory[memory_id] |= wanted_seqs
-        messages = await self._accounts.messages(batch.partition, by_memory) if by_memory else {}
+            resource = self.registry.find(MemoryRef.parse_id(memory_id).resource)
+            if resource is not None:  # else no longer loaded: nothing to count it with
+                resources[memory_id] = resource
+        rules = {
+            memory_id: self._priorities.of(resource.priority).fingerprint
+            for memory_id, resource in resources.items()
+        }
+        read = await self._accounts.messages(batch.partition, by_memory, rules) if by_memory else {}
         counts = []
         for (memory_id, gen), seqs in wanted.items():
-            resource = self.registry.find(MemoryRef.parse_id(memory_id).resource)
+            resource = resources.get(memory_id)
             if resource is None:
-                continue  # its resource is no longer loaded: nothing to count it with
+                continue
             counter = self._tokenizers.for_resource(resource)
-            stored = messages.get(memory_id, {})
+            priorities = self._priorities.of(resource.priority)
+            stored = read[memory_id]
+            mine = [
+                stored.messages[seq]
+                for seq in sorted(seqs)
+                if seq in stored.messages and stored.messages[seq].gen == gen
+            ]
+            every = stored.every
             counts.append(
                 MemoryCounts(
                     memory_id=memory_id,
                     gen=gen,
-                    counts=[
-                        (seq, counter.message(stored[seq]))
-                        for seq in sorted(seqs)
-                        if seq in stored and stored[seq].gen == gen
-                    ],
+                    counts=[(m.seq, counter.message(m)) for m in mine],
                     token_limit=resource.token_limit
                     if resource.type.value in ("token_based", "buffer")
                     else None,
@@ -89,6 +104,11 @@ class Accountant:
                     threshold=resource.flushing.summarize_threshold,
                     request=uuid.uuid4().hex,
                     mark_ms=int(MARK_TTLS * resource.locking.flush_ttl * 1000),
+                    rules=priorities.fingerprint,
+                    protected=[m.seq for m in mine if priorities.is_protected(m)],
+                    rebuild=None
+                    if every is None
+                    else [m.seq for m in every if m.gen == gen and priorities.is_protected(m)],
                 )
             )
         started = time.perf_counter()

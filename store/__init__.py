@@ -1,6 +1,6 @@
 """Redis: connections, keys, Lua scripts, leases, the materialized memory and its reader."""
 
-from store.accounting import Accounts, MemoryCounts
+from store.accounting import Accounts, MemoryCounts, ToCount
 from store.breaker import (
     CircuitBreaker,
     CircuitOpenError,
@@ -105,6 +105,7 @@ __all__ = [
     "StreamEntry",
     "Target",
     "TenantErasure",
+    "ToCount",
     "Topic",
     "WaitTimeoutError",
     "breaker_of",

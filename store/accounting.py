@@ -4,7 +4,7 @@ fenced script (``apply_counts.lua``) that also trips flush thresholds and acknow
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from memory import StoredMessage
@@ -27,6 +27,22 @@ class MemoryCounts:
     threshold: float = 0.8
     request: str = ""
     mark_ms: int | None = None  # a flush mark older than this is set again
+    # The memory's index of protected messages (read_context.lua), kept under the
+    # fingerprint of the resource's priority rules: the counted messages they protect,
+    # and, when the index is not of these rules, every message they protect.
+    rules: str | None = None
+    protected: list[int] = field(default_factory=list)
+    rebuild: list[int] | None = None
+
+
+@dataclass(slots=True)
+class ToCount:
+    """What the accountant reads of one memory before counting."""
+
+    messages: dict[int, StoredMessage]  # the wanted messages still stored, by sequence
+    # Every message of the memory, when its index of protected messages is not of the
+    # rules asked for and messages were counted already: the index is to be rebuilt.
+    every: list[StoredMessage] | None = None
 
 
 class Accounts:
@@ -36,19 +52,42 @@ class Accounts:
         self._keys = keys
 
     async def messages(
-        self, partition: int, wanted: dict[str, set[int]]
-    ) -> dict[str, dict[int, StoredMessage]]:
-        """The stored messages of each memory with the given sequences (one round trip);
-        a message that is gone is simply missing."""
+        self,
+        partition: int,
+        wanted: dict[str, set[int]],
+        rules: Mapping[str, str] | None = None,
+    ) -> dict[str, ToCount]:
+        """The stored messages of each memory with the given sequences (a message that
+        is gone is simply missing); with ``rules`` (memory id -> fingerprint of its
+        priority rules), every message of each memory whose index of protected messages
+        is of other rules, once messages of it were counted. One round trip, and one
+        more for the memories whose index is to be rebuilt."""
+        rules = rules or {}
         memories = list(wanted)
         pipe = self._client.pipeline(transaction=False)
         for memory_id in memories:
             seqs = wanted[memory_id]
-            pipe.zrangebyscore(self._keys.memory(partition, memory_id).log, min(seqs), max(seqs))
-        found: dict[str, dict[int, StoredMessage]] = {}
-        for memory_id, members in zip(memories, await pipe.execute(), strict=True):
-            messages = (StoredMessage.model_validate_json(m) for m in members)
-            found[memory_id] = {m.seq: m for m in messages if m.seq in wanted[memory_id]}
+            k = self._keys.memory(partition, memory_id)
+            pipe.zrangebyscore(k.log, min(seqs), max(seqs))
+            if memory_id in rules:
+                pipe.hget(k.tok, "prot")
+                pipe.hget(k.meta, "counted")
+        replies = iter(await pipe.execute())
+        found: dict[str, ToCount] = {}
+        stale: list[str] = []
+        for memory_id in memories:
+            messages = (StoredMessage.model_validate_json(m) for m in next(replies))
+            found[memory_id] = ToCount({m.seq: m for m in messages if m.seq in wanted[memory_id]})
+            if memory_id in rules:
+                index, counted = next(replies), next(replies)
+                if index != rules[memory_id] and int(counted or 0) > 0:
+                    stale.append(memory_id)
+        if stale:
+            pipe = self._client.pipeline(transaction=False)
+            for memory_id in stale:
+                pipe.zrange(self._keys.memory(partition, memory_id).log, 0, -1)
+            for memory_id, members in zip(stale, await pipe.execute(), strict=True):
+                found[memory_id].every = [StoredMessage.model_validate_json(m) for m in members]
         return found
 
     async def apply(
@@ -71,6 +110,8 @@ class Accounts:
                 **({"tokens": m.token_limit} if m.token_limit else {}),
                 **({"messages": m.message_limit} if m.message_limit else {}),
                 **({"mark_ms": m.mark_ms} if m.mark_ms else {}),
+                **({"rules": m.rules, "protected": m.protected} if m.rules else {}),
+                **({"rebuild": m.rebuild} if m.rules and m.rebuild is not None else {}),
             }
             for m in memories
         ]

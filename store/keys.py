@@ -34,7 +34,9 @@ partition tag. The layout, with the default namespace ``ms``::
     ms:m:{p}:<tenant>/<resource>/<key>:meta  hash: generation, counts, times
     ms:m:{p}:<tenant>/<resource>/<key>:tomb  hash: watermark, generation, last reset
     ms:m:{p}:<tenant>/<resource>/<key>:idem  zset: idempotency key digest -> expiry (ms)
-    ms:m:{p}:<tenant>/<resource>/<key>:tok   hash: seq -> token count (and gen)
+    ms:m:{p}:<tenant>/<resource>/<key>:tok   hash: seq -> token count (and gen); readers'
+                                      use (a:<seq>, f:<seq>); the protected messages
+                                      (prot: rules fingerprint, prot:seqs: "s1,s2,")
     ms:m:{p}:<tenant>/<resource>/<key>:backup zset: the messages its last clear --backup
                                       removed (its id in tomb 'backup'), with a TTL
 """

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from memory import MemoryRef, MemoryResource, StoredMessage, partition_for
-from memory.flush import Counted, Priorities, fit_budget
+from memory.flush import Counted, PrioritiesCache, fit_budget
 from memory.privacy import event_ref
 from memory.tokens import TokenCounter
 from store.config import PARTITIONS_TTL, get_partitions, read_partitions
@@ -27,6 +29,7 @@ from store.keys import Group, Keys
 from store.scripts import Scripts
 
 MAX_PAGE = 1000
+_MESSAGES = TypeAdapter(list[StoredMessage])
 log = logging.getLogger(__name__)
 
 
@@ -98,11 +101,13 @@ class MemoryView:
 class ContextWindow:
     """What of a memory fits a context budget (``MemoryReader.read_context``)."""
 
-    view: MemoryView
+    view: MemoryView  # the memory's meta, and the messages that came back from Redis
     messages: list[StoredMessage]
     tokens: int
     budget: int | None
     over_budget: bool  # the protected messages alone exceed the budget
+    read: int = 0  # messages read from the memory's log to choose them
+    read_bytes: int | None = None  # their stored length (None: not measured)
 
 
 class MemoryReader:
@@ -115,6 +120,7 @@ class MemoryReader:
         self._partitions: int | None = None
         self._partitions_read = 0.0
         self._touching: set[asyncio.Task[None]] = set()
+        self._priorities = PrioritiesCache()
 
     async def partitions(self) -> int:
         """The stored count, read again every PARTITIONS_TTL seconds; raises
@@ -173,13 +179,25 @@ class MemoryReader:
         meta_flat, tomb_flat, texts, counts = await self._scripts(
             "read_memory", [k.log, k.meta, k.tomb, k.tok], [mode, n, since, "1" if touch else "0"]
         )
+        messages = [StoredMessage.model_validate_json(t) for t in texts]
+        view = self._view(ref, p, meta_flat, tomb_flat, messages, counts)
+        if generation is not None and view.generation != generation:
+            raise GenerationChangedError(ref.memory_id, generation, view.generation)
+        return view
+
+    @staticmethod
+    def _view(
+        ref: MemoryRef,
+        p: int,
+        meta_flat: Sequence[str],
+        tomb_flat: Sequence[str],
+        messages: list[StoredMessage],
+        counts: Sequence[str | int | None],
+    ) -> MemoryView:
         meta = dict(zip(meta_flat[::2], meta_flat[1::2], strict=True))
         tomb = dict(zip(tomb_flat[::2], tomb_flat[1::2], strict=True))
         if not meta:  # no meta, no memory: whatever other key of it is left
-            texts, counts = [], []
-        found = int(meta.get("gen") or tomb.get("gen") or 0)
-        if generation is not None and found != generation:
-            raise GenerationChangedError(ref.memory_id, generation, found)
+            messages, counts = [], []
         return MemoryView(
             ref=ref,
             partition=p,
@@ -187,8 +205,8 @@ class MemoryReader:
             generation=int(meta.get("gen") or tomb.get("gen") or 0),
             count=int(meta.get("count") or 0),
             watermark=str(tomb.get("wm") or "0-0"),
-            messages=[StoredMessage.model_validate_json(t) for t in texts],
-            token_counts=[int(c) if c else None for c in counts],
+            messages=messages,
+            token_counts=[None if c is None or c == "" else int(c) for c in counts],
             tokens=int(meta.get("tokens") or 0),
             counted=int(meta.get("counted") or 0),
             flush_pending=meta.get("flush_gen") == meta.get("gen") and "flush_gen" in meta,
@@ -210,26 +228,86 @@ class MemoryReader:
         resource's token limit): never more than the budget, by the stored counts and
         the same counting function for messages not counted yet; protected messages
         first, then the newest others (see ``memory.flush.fit_budget``). With ``touch``
-        the use of the returned messages is recorded for lru / lfu, by a call that does
-        not hold up this one."""
-        view = await self.read(ref)
+        the use of the returned messages is recorded for lru / lfu.
+
+        One script (``read_context.lua``) reads the newest messages until their stored
+        counts exceed the budget, older messages not counted yet, and older protected
+        messages from the memory's index of them (kept by the accountant under the
+        resource's priority rules): the cost follows the window, not the memory. When
+        every message is counted, the script also chooses, and records the use, in the
+        same round trip; otherwise the choice is made here and the use recorded by a
+        call that does not hold up this one. A memory whose index was built under other
+        rules (or not yet) is read whole. ``ContextWindow.view`` holds the memory's
+        meta and the messages that came back."""
         limit = budget if budget is not None else resource.token_limit
-        entries = [
-            Counted(m, c if c is not None else counter.message(m))
-            for m, c in zip(view.messages, view.token_counts, strict=True)
-        ]
         if limit is None:  # a message_count_based memory without a token budget
-            chosen, over = entries, False
-        else:
-            chosen, over = fit_budget(entries, limit, Priorities(resource.priority))
+            view = await self.read(ref)
+            entries = self._counted(view.messages, view.token_counts, counter)
+            return self._window(view, entries, entries, None, False, touch)
+        priorities = self._priorities.of(resource.priority)
+        p = await self.partition_of(ref)
+        k = self._keys.memory(p, ref.memory_id)
+        reply = await self._scripts(
+            "read_context",
+            [k.log, k.meta, k.tomb, k.tok],
+            [limit, priorities.fingerprint, "1" if touch else "0"],
+        )
+        meta_flat, tomb_flat, texts, counts, chosen_here, over, first, read, read_bytes = reply
+        # One validation of them all costs less than one per message.
+        messages = _MESSAGES.validate_json(f"[{','.join(texts)}]")
+        view = self._view(ref, p, meta_flat, tomb_flat, messages, counts)
+        if chosen_here:  # chosen (and their use recorded) by the script, all counted
+            return ContextWindow(
+                view=view,
+                messages=list(view.messages),
+                tokens=sum(counts),
+                budget=limit,
+                over_budget=bool(over),
+                read=read,
+                read_bytes=read_bytes,
+            )
+        # Older than the window, only protected messages may be chosen (the others read
+        # there are messages not counted yet, read for the reader to judge).
+        kept = [
+            (m, c)
+            for m, c in zip(view.messages, view.token_counts, strict=True)
+            if m.seq >= int(first) or priorities.is_protected(m)
+        ]
+        entries = self._counted([m for m, _ in kept], [c for _, c in kept], counter)
+        chosen, over = fit_budget(entries, limit, priorities)
+        return self._window(view, entries, chosen, limit, over, touch, read, read_bytes)
+
+    @staticmethod
+    def _counted(
+        messages: Sequence[StoredMessage], counts: Sequence[int | None], counter: TokenCounter
+    ) -> list[Counted]:
+        return [
+            Counted(m, c if c is not None else counter.message(m))
+            for m, c in zip(messages, counts, strict=True)
+        ]
+
+    def _window(
+        self,
+        view: MemoryView,
+        entries: list[Counted],
+        chosen: list[Counted],
+        limit: int | None,
+        over: bool,
+        touch: bool,
+        read: int | None = None,
+        read_bytes: int | None = None,
+    ) -> ContextWindow:
+        """``touch``: record the use of ``chosen`` (by a call that does not hold this up)."""
         if touch and chosen:
-            self._touch_later(view.partition, ref, [e.seq for e in chosen])
+            self._touch_later(view.partition, view.ref, [e.seq for e in chosen])
         return ContextWindow(
             view=view,
             messages=[e.message for e in chosen],
             tokens=sum(e.tokens for e in chosen),
             budget=limit,
             over_budget=over,
+            read=len(entries) if read is None else int(read),
+            read_bytes=None if read_bytes is None else int(read_bytes),
         )
 
     async def touches_done(self) -> None:
