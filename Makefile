@@ -42,4 +42,7 @@ bench-append: ## Run the append benchmark alone (see benchmarks/README.md)
 bench-accountant: ## Run the accountant benchmark (see benchmarks/README.md)
 	$(PY) benchmarks/accountant.py
 
-.PHONY: help venv lint format test test-fast contract docs bench bench-readme bench-append bench-accountant
+bench-waiters: ## Run the concurrent publish(wait=True) benchmark (see benchmarks/README.md)
+	$(PY) benchmarks/waiters.py
+
+.PHONY: help venv lint format test test-fast contract docs bench bench-readme bench-append bench-accountant bench-waiters

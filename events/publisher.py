@@ -67,6 +67,7 @@ from memory.privacy import workflow_names
 from store import (
     TRANSIENT_ERRORS,
     CircuitOpenError,
+    ConnectionsBusyError,
     Group,
     Keys,
     MemoryReader,
@@ -87,7 +88,14 @@ T = TypeVar("T")
 INGEST_ONLY = (Topic.INGEST,)
 #: How the reason of an event starts when its partition's Redis node could not be
 #: reached: nothing was sent to it, or it did not answer.
-UNREACHED = ("not published, Redis unreachable", "outcome unknown, Redis failed")
+UNREACHED = (
+    "not published, Redis unreachable",
+    "outcome unknown, Redis failed",
+    "not published, no connection free",
+)
+#: Errors of a call that sent nothing: the breaker was open, or every connection of the
+#: client stayed busy.
+NOT_SENT = (CircuitOpenError, ConnectionsBusyError)
 UNKNOWN_OUTCOME = (
     "the events may or may not be published; publish them again with the same "
     "idempotency keys, they apply at most once"
@@ -201,6 +209,8 @@ class Publisher:
         except TRANSIENT_ERRORS as e:
             if is_out_of_memory(e):
                 raise RedisOutOfMemoryError(str(e)) from e
+            if isinstance(e, ConnectionsBusyError):
+                raise RedisUnavailableError(f"nothing was published: {e}") from e
             raise RedisUnavailableError(f"Redis is unreachable, nothing was published: {e}") from e
 
     async def publish(
@@ -390,7 +400,7 @@ class Publisher:
                 elif isinstance(reply, TRANSIENT_ERRORS) and not isinstance(reply, ResponseError):
                     # A Cluster node not reached: its breaker open (nothing was sent to
                     # it) or no reply (the script may have run).
-                    (unsent if isinstance(reply, CircuitOpenError) else unknown)[p] = reply
+                    (unsent if isinstance(reply, NOT_SENT) else unknown)[p] = reply
                     failed.extend((i, unreached(reply)) for i in by_partition[p])
                 elif isinstance(reply, BaseException):
                     moving = moving or isinstance(reply, MOVING)
@@ -451,8 +461,13 @@ class Publisher:
         if unsent:
             _, error = min(unsent.items())
             others = partitions - len(unsent)
+            why = (
+                "Redis is unreachable, nothing was published (fail-fast)"
+                if isinstance(error, CircuitOpenError)
+                else "nothing was published"
+            )
             raise RedisUnavailableError(
-                f"Redis is unreachable, nothing was published (fail-fast): {error}"
+                f"{why}: {error}"
                 + (f"; the other {others} partition(s) were refused too" if others else "")
             ) from error
 
@@ -666,7 +681,7 @@ class Publisher:
                     ),
                     return_exceptions=True,
                 )
-                opened = [r for r in pairs if isinstance(r, CircuitOpenError)]
+                opened = [r for r in pairs if isinstance(r, NOT_SENT)]
                 if opened and len(opened) == len(pairs):
                     raise opened[0]
                 replies = [r[0] if isinstance(r, tuple) else r for r in pairs]
@@ -679,7 +694,7 @@ class Publisher:
                     *(self._scripts("publish_events", k, a) for k, a in calls),
                     return_exceptions=True,
                 )
-                opened = [r for r in replies if isinstance(r, CircuitOpenError)]
+                opened = [r for r in replies if isinstance(r, NOT_SENT)]
                 if opened and len(opened) == len(replies):
                     raise opened[0]
                 return list(replies), unmeasured
@@ -700,6 +715,8 @@ class Publisher:
             raise RedisUnavailableError(
                 f"Redis is unreachable, nothing was published (fail-fast): {e}"
             ) from e
+        except ConnectionsBusyError as e:  # nothing was sent
+            raise RedisUnavailableError(f"nothing was published: {e}") from e
         except RedisTimeoutError as e:
             raise PublishOutcomeUnknownError(
                 f"no reply from Redis ({e}): {unknown}", idempotency_keys=keys
@@ -1031,4 +1048,6 @@ def unreached(error: BaseException) -> str:
     reason starts with one of UNREACHED)."""
     if isinstance(error, CircuitOpenError):
         return f"{UNREACHED[0]} (fail-fast): {error}"
+    if isinstance(error, ConnectionsBusyError):
+        return f"{UNREACHED[2]}: {error}"
     return f"{UNREACHED[1]}: {error}"

@@ -37,6 +37,7 @@ from store import (
     ensure_partitions,
     find_embedded,
 )
+from store.connection import MAX_CONNECTIONS
 from store.lock import DistributedLock
 from store.repartition import refuse_while_repartitioning
 
@@ -96,6 +97,9 @@ class App:
             cluster=s.cluster or None,
             socket_timeout=s.socket_timeout,
             connect_timeout=min(3.0, s.socket_timeout),
+            # Each partition loop of each processor (`run all` has three partitioned
+            # ones) may hold a connection in its blocking XREAD, beside the other calls.
+            max_connections=max(MAX_CONNECTIONS, 4 * s.partitions),
             breaker_threshold=s.breaker_threshold,
             breaker_reset=s.effective_breaker_reset,
         )

@@ -16,6 +16,7 @@ from store.connection import (
     breaker_of,
     connect,
     describe,
+    gate_of,
     is_cluster_url,
 )
 from store.deadletters import DeadLetter, DeadLetters
@@ -36,6 +37,7 @@ from store.errors import (
     WaitTimeoutError,
 )
 from store.flushing import BudgetLimits, Change, FlushEnd, Flushes, Snapshot
+from store.gate import CallGate, ConnectionsBusyError
 from store.inflight import InFlight, removed_in_flight
 from store.inventory import Listed, list_memories
 from store.keys import GROUP_TOPIC, TOPIC_GROUPS, Group, Keys, MemoryKeys, Topic
@@ -53,6 +55,7 @@ __all__ = [
     "Accounts",
     "ApplyBatch",
     "BudgetLimits",
+    "CallGate",
     "Change",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -60,6 +63,7 @@ __all__ = [
     "CircuitState",
     "Claim",
     "ConnectionSetupError",
+    "ConnectionsBusyError",
     "ContextWindow",
     "DeadLetter",
     "DeadLetters",
@@ -116,6 +120,7 @@ __all__ = [
     "erase_tenant",
     "find_embedded",
     "find_server_binary",
+    "gate_of",
     "get_partitions",
     "is_cluster_url",
     "list_memories",

@@ -36,7 +36,9 @@ def producer_rules(namespace: str = "ms") -> list[str]:
     before the first entry); read only (no command that writes them is allowed): the
     configuration (the partition count, which the processors store) and each
     partition's count (checked by the publish script), outcomes, held-partition markers
-    and the ended workflows (read while waiting)."""
+    and the ended workflows (read while waiting). Not the changes and dead letter
+    streams (other tenants' data): a producer waits for outcomes by polling, without
+    their doorbells (``store.poller``)."""
     ns = namespace
     return [
         "resetkeys",
@@ -48,6 +50,7 @@ def producer_rules(namespace: str = "ms") -> list[str]:
         "+xlen",
         "+xgroup|create",
         "+hget",
+        "+hmget",
         "+get",
         "+zscore",
         f"~{ns}:ingest:*",

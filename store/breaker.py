@@ -4,7 +4,9 @@ instead of each waiting for its own timeout; after ``reset_seconds`` one trial c
 through (half-open), and its success closes the circuit again.
 
 Only failures to reach Redis count. A reply of Redis, an error reply too (NOSCRIPT, OOM,
-BUSYGROUP, LOADING, a wrong password), proves it reachable. The states and their
+BUSYGROUP, LOADING, a wrong password), proves it reachable. A client whose connections
+are all busy (redis-py's "Too many connections", the call gate's ConnectionsBusyError)
+sent nothing and learnt nothing about Redis: that counts neither way. The states and their
 transitions are purgatory's; this module feeds it the outcome of each call, lets one
 trial through at a time and reports the state.
 """
@@ -22,9 +24,16 @@ from typing import TYPE_CHECKING, TypeVar
 
 from purgatory.domain.messages.events import ContextChanged
 from purgatory.domain.model import HALF_OPENED, OPENED, Context, OpenedState
-from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadingError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    MaxConnectionsError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from store.gate import ConnectionsBusyError
 
 if TYPE_CHECKING:
     from store.connection import RedisClient
@@ -45,6 +54,9 @@ _ANSWERS: tuple[type[BaseException], ...] = (
     AuthenticationError,
     AuthorizationError,
 )
+#: Subclasses of ConnectionError raised before anything was sent, by this client: they
+#: say nothing about Redis.
+_UNSENT: tuple[type[BaseException], ...] = (MaxConnectionsError, ConnectionsBusyError)
 
 
 class CircuitState(IntEnum):
@@ -75,7 +87,7 @@ class CircuitOpenError(RedisConnectionError):
 
 def is_transport_failure(error: BaseException) -> bool:
     return isinstance(error, TRANSPORT_ERRORS) and not isinstance(
-        error, (*_ANSWERS, CircuitOpenError)
+        error, (*_ANSWERS, *_UNSENT, CircuitOpenError)
     )
 
 
@@ -152,7 +164,7 @@ class CircuitBreaker:
             if is_transport_failure(e):
                 self.last_error = f"{type(e).__name__}: {e}"
                 self._context.handle_exception(e)
-            elif not isinstance(e, CircuitOpenError):
+            elif not isinstance(e, (*_UNSENT, CircuitOpenError)):
                 self._context.handle_end_request()  # Redis answered (an error reply)
             self._drain()
             raise

@@ -9,6 +9,9 @@ ACL users go in the URL's user part; every memstream command then runs as that u
 
 Every client has its own circuit breaker (``store.breaker``): its commands and pipelines
 go through it, so while Redis is unreachable they fail at once with CircuitOpenError.
+Before that, they pass its call gate (``store.gate``): at most ``max_connections`` calls
+in flight, the others waiting for their turn; on a single server the gate also keeps
+the socket timeout, as one deadline per call.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from store.breaker import Breaker, CircuitBreaker, NodeBreakers
 from store.errors import ConnectionSetupError
+from store.gate import HEADROOM, CallGate
 
 RedisClient: TypeAlias = Redis | RedisCluster
 
@@ -34,35 +38,52 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterExcepti
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
+#: Calls a client has in flight at most, unless ``connect`` is told otherwise (redis-py's
+#: own pool size).
+MAX_CONNECTIONS = 100
+
 
 class GuardedPipeline(Pipeline):
-    """A pipeline whose execution goes through its client's breaker."""
+    """A pipeline whose execution passes its client's gate and breaker."""
 
     breaker: CircuitBreaker | None = None
+    gate: CallGate | None = None
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        if self.breaker is None or not self.command_stack:
-            return await super().execute(raise_on_error)
-        return await self.breaker.call(lambda: super(GuardedPipeline, self).execute(raise_on_error))
+        def run() -> Coroutine[Any, Any, list[Any]]:
+            return super(GuardedPipeline, self).execute(raise_on_error)
+
+        if not self.command_stack:
+            return await run()
+        if self.gate is not None:
+            return await self.gate.call(run, self.breaker)
+        if self.breaker is not None:
+            return await self.breaker.call(run)
+        return await run()
 
 
 class GuardedRedis(Redis):
-    """A client of one Redis server whose every command goes through ``breaker``."""
+    """A client of one Redis server whose every command passes ``gate`` and ``breaker``."""
 
     breaker: CircuitBreaker | None = None
+    gate: CallGate | None = None
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        if self.breaker is None:
-            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        return await self.breaker.call(
-            lambda: super(GuardedRedis, self).execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        )
+        def run() -> Coroutine[Any, Any, Any]:
+            return super(GuardedRedis, self).execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+        if self.gate is not None:
+            return await self.gate.call(run, self.breaker)
+        if self.breaker is not None:
+            return await self.breaker.call(run)
+        return await run()
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         pipe = GuardedPipeline(
             self.connection_pool, self.response_callbacks, transaction, shard_hint
         )
         pipe.breaker = self.breaker
+        pipe.gate = self.gate
         return pipe
 
 
@@ -98,10 +119,11 @@ class GuardedClusterPipeline(ClusterPipeline):
 
         queued = self._queued() if raise_on_error else None
         breaker = await self._guarded.breaker_of_all(queued) if queued else None
+        gate = self._guarded.gate
         if breaker is None:
-            return await run()
+            return await (gate.call(run) if gate is not None else run())
         try:
-            return await breaker.call(run)
+            return await (gate.call(run, breaker) if gate is not None else breaker.call(run))
         finally:
             await self.reset()  # type: ignore[no-untyped-call]  # failing fast, it did not run
 
@@ -112,6 +134,7 @@ class GuardedRedisCluster(RedisCluster):
     make the others fail fast; so does a pipeline whose commands all go to one node."""
 
     breaker: NodeBreakers | None = None
+    gate: CallGate | None = None
 
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
@@ -136,12 +159,15 @@ class GuardedRedisCluster(RedisCluster):
         return self.breaker.for_node(names.pop()) if len(names) == 1 else None
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        if self.breaker is None:
-            return await super().execute_command(*args, **kwargs)
-        breaker = await self._breaker_for(args, kwargs)
-        return await breaker.call(
-            lambda: super(GuardedRedisCluster, self).execute_command(*args, **kwargs)
-        )
+        def run() -> Coroutine[Any, Any, Any]:
+            return super(GuardedRedisCluster, self).execute_command(*args, **kwargs)
+
+        breaker = await self._breaker_for(args, kwargs) if self.breaker is not None else None
+        if self.gate is not None:
+            return await self.gate.call(run, breaker)
+        if breaker is not None:
+            return await breaker.call(run)
+        return await run()
 
     async def _breaker_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CircuitBreaker:
         assert self.breaker is not None
@@ -180,6 +206,11 @@ def breaker_of(client: RedisClient) -> Breaker | None:
     return getattr(client, "breaker", None)
 
 
+def gate_of(client: RedisClient) -> CallGate | None:
+    """The call gate of a client made by ``connect`` (None for another client)."""
+    return getattr(client, "gate", None)
+
+
 def is_cluster_url(url: str) -> bool:
     return url.split("://", 1)[0] in _CLUSTER_SCHEMES
 
@@ -191,14 +222,19 @@ def connect(
     socket_timeout: float = 15.0,
     connect_timeout: float = 3.0,
     max_connections: int | None = None,
+    connection_wait: float | None = None,
     breaker_threshold: int = 5,
     breaker_reset: float = 5.0,
 ) -> RedisClient:
     """A client for ``url``; responses are decoded as UTF-8 strings.
 
-    ``socket_timeout`` bounds every command (blocking reads use shorter blocks than it).
-    After ``breaker_threshold`` failures to reach Redis in a row, commands fail at once
-    with CircuitOpenError for ``breaker_reset`` seconds, then one trial call goes through.
+    ``socket_timeout`` bounds every call, a command or a whole pipeline (blocking reads
+    use shorter blocks than it). At most ``max_connections`` calls (100 by default) are
+    in flight at once; the others wait for their turn, for up to ``connection_wait``
+    seconds (by default the socket timeout), then fail with ConnectionsBusyError, which
+    is not a failure of Redis. After ``breaker_threshold`` failures to reach Redis in a
+    row, commands fail at once with CircuitOpenError for ``breaker_reset`` seconds, then
+    one trial call goes through.
     The client never re-sends a command by itself: a script that ran but whose reply was
     lost must not run twice behind the caller's back (MOVED and ASK redirections are
     still followed). Callers retry with backoff, and the scripts are idempotent.
@@ -213,22 +249,28 @@ def connect(
         )
     use_cluster = cluster if cluster is not None else scheme in _CLUSTER_SCHEMES
     plain_url = f"{_CLUSTER_SCHEMES.get(scheme, scheme)}://{rest}"
+    limit = max_connections if max_connections is not None else MAX_CONNECTIONS
+    wait = connection_wait if connection_wait is not None else socket_timeout
+    if limit < 1 or wait < 0:
+        raise ConnectionSetupError("max_connections must be at least 1, connection_wait >= 0")
     options: dict[str, Any] = {
         "decode_responses": True,
         "encoding_errors": "surrogateescape",
         "retry": Retry(NoBackoff(), 0),
-        "socket_timeout": socket_timeout,
+        # One server: the gate keeps the timeout, one timer per call (store.gate).
+        "socket_timeout": socket_timeout if use_cluster else None,
         "socket_connect_timeout": connect_timeout,
         "health_check_interval": 30,
+        "max_connections": limit + HEADROOM,
     }
-    if max_connections is not None:
-        options["max_connections"] = max_connections
+    name = describe(url)
     try:
         if use_cluster:
             if plain_url.startswith("unix://"):
                 raise ConnectionSetupError("a Redis Cluster cannot be reached over a unix socket")
             many = cast(GuardedRedisCluster, GuardedRedisCluster.from_url(plain_url, **options))
-            many.breaker = NodeBreakers(describe(url), breaker_threshold, breaker_reset)
+            many.breaker = NodeBreakers(name, breaker_threshold, breaker_reset)
+            many.gate = CallGate(name, limit, wait)
 
             def nodes_now() -> Collection[str]:  # the cache is replaced on a refresh
                 return many.nodes_manager.nodes_cache.keys()
@@ -238,7 +280,8 @@ def connect(
         single = cast(GuardedRedis, GuardedRedis.from_url(plain_url, **options))
     except ValueError as e:
         raise ConnectionSetupError(f"invalid Redis URL {url!r}: {e}") from e
-    single.breaker = CircuitBreaker(describe(url), breaker_threshold, breaker_reset)
+    single.breaker = CircuitBreaker(name, breaker_threshold, breaker_reset)
+    single.gate = CallGate(name, limit, wait, deadline=socket_timeout)
     return single
 
 

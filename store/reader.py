@@ -26,6 +26,7 @@ from store.errors import (
     WaitTimeoutError,
 )
 from store.keys import Group, Keys
+from store.poller import poller_of
 from store.scripts import Scripts
 
 MAX_PAGE = 1000
@@ -356,37 +357,77 @@ class MemoryReader:
         group: Group = Group.APPENDER,
     ) -> list[Outcome]:
         """The outcomes of many (partition, entry id, event id or None) entries, in their
-        order, as soon as all are known: each poll asks for every one still unknown in one
-        pipelined round trip (see ``wait_applied``)."""
-        started = time.monotonic()
-        deadline = started + timeout
-        delay = 0.0005
+        order, as soon as all are known. The client's one poller asks for the entries of
+        every waiting caller in one pipelined round trip a tick, as soon as the appender
+        wrote to the partition (``store.poller``); at the deadline one last round trip
+        asks for what is still missing (see ``wait_applied``)."""
+        poller = poller_of(self._client)
+        buckets = [self._keys.outcomes(p, e, group.value) for p, e, _ in entries]
+        futures = [
+            poller.watch(b, e, self._doorbells(p, group))
+            for b, (p, e, _) in zip(buckets, entries, strict=True)
+        ]
+        index = {f: i for i, f in enumerate(futures)}
         found: dict[int, Outcome] = {}
-        while True:
-            todo = [i for i in range(len(entries)) if i not in found]
-            pipe = self._client.pipeline(transaction=False)
-            for i in todo:
-                partition, entry_id, _ = entries[i]
-                pipe.hget(self._keys.outcomes(partition, entry_id, group.value), entry_id)
-            for i, text in zip(todo, await pipe.execute(), strict=True):
-                if text:
-                    found[i] = self._checked(entries[i], Outcome.from_json(str(text)))
-            if len(found) == len(entries):
-                return [found[i] for i in range(len(entries))]
-            if time.monotonic() >= deadline:
-                partition, entry_id, _ = entries[min(set(range(len(entries))) - set(found))]
-                held = await self._client.get(self._keys.held(partition, group.value))
-                why = f"; partition {partition} is held back: {held!s}" if held else ""
-                raise WaitTimeoutError(
-                    f"entry {entry_id} of partition {partition} was not applied within "
-                    f"{timeout:g}s{why}; it stays queued and may still be applied",
-                    partition=partition,
-                    entry_id=entry_id,
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            pending = set(futures)
+            while pending and (left := deadline - loop.time()) > 0:
+                done, pending = await asyncio.wait(
+                    pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
                 )
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            # Poll fast while an outcome is typically due, then ease off the server.
-            waited = time.monotonic() - started
-            delay = min(delay * 2, 0.005 if waited < 1.0 else 0.05)
+                for future in done:
+                    i = index[future]
+                    found[i] = self._checked(entries[i], Outcome.from_json(future.result()))
+        finally:
+            for bucket, (_, entry_id, _), future in zip(buckets, entries, futures, strict=True):
+                poller.forget(bucket, entry_id, future)
+        missing = [i for i in range(len(entries)) if i not in found]
+        if missing:
+            await self._last_look(entries, buckets, missing, found, timeout, group)
+        return [found[i] for i in range(len(entries))]
+
+    def _doorbells(self, partition: int, group: Group) -> tuple[str, ...]:
+        """The streams the appender's step writes when it records an outcome there."""
+        if group is not Group.APPENDER:
+            return ()
+        return (self._keys.changes(partition), self._keys.dlq(partition))
+
+    async def _last_look(
+        self,
+        entries: Sequence[tuple[int, str, str | None]],
+        buckets: list[str],
+        missing: list[int],
+        found: dict[int, Outcome],
+        timeout: float,
+        group: Group,
+    ) -> None:
+        """At the deadline: the outcomes still missing, asked for once more with the
+        held-back reason of the first one's partition; WaitTimeoutError if one is still
+        unknown."""
+        first = entries[missing[0]][0]
+        pipe = self._client.pipeline(transaction=False)
+        for i in missing:
+            pipe.hget(buckets[i], entries[i][1])
+        pipe.get(self._keys.held(first, group.value))
+        *texts, held = await pipe.execute()
+        for i, text in zip(missing, texts, strict=True):
+            if text:
+                found[i] = self._checked(entries[i], Outcome.from_json(str(text)))
+        unknown = [i for i in missing if i not in found]
+        if not unknown:
+            return
+        partition, entry_id, _ = entries[unknown[0]]
+        if partition != first:
+            held = await self._client.get(self._keys.held(partition, group.value))
+        why = f"; partition {partition} is held back: {held!s}" if held else ""
+        raise WaitTimeoutError(
+            f"entry {entry_id} of partition {partition} was not applied within "
+            f"{timeout:g}s{why}; it stays queued and may still be applied",
+            partition=partition,
+            entry_id=entry_id,
+        )
 
     @staticmethod
     def _checked(entry: tuple[int, str, str | None], found: Outcome) -> Outcome:

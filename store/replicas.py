@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import PipelineCommand, RedisCluster
@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from store.breaker import NodeBreakers
-from store.connection import TRANSIENT_ERRORS, RedisClient, breaker_of
+from store.connection import TRANSIENT_ERRORS, RedisClient, breaker_of, gate_of
 from store.scripts import Scripts
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ async def _on_owner(
     scripts.queue(stack, name, keys, args)
     stack.wait(replicas, timeout_ms)
     breaker = breaker_of(cluster)
+    gate = gate_of(cluster)
     reply: Any = None
     for _ in range(MAX_REDIRECTS):
         await cluster.initialize()
@@ -105,14 +106,18 @@ async def _on_owner(
         if node is None:
             raise ClusterDownError(f"no Cluster node serves {keys[0]}")
         commands = stack.commands()
+        guard = breaker.for_node(node.name) if isinstance(breaker, NodeBreakers) else breaker
+
+        def run() -> Awaitable[bool]:
+            return node.execute_pipeline(commands)  # noqa: B023
+
         try:
-            if breaker is None:
-                await node.execute_pipeline(commands)
+            if gate is not None:
+                await gate.call(run, guard)
+            elif guard is not None:
+                await guard.call(run)
             else:
-                guard = (
-                    breaker.for_node(node.name) if isinstance(breaker, NodeBreakers) else breaker
-                )
-                await guard.call(lambda: node.execute_pipeline(commands))  # noqa: B023
+                await run()
         except (RedisConnectionError, RedisTimeoutError, OSError):
             # As the cluster client does: read the slots again before the next call.
             with contextlib.suppress(*TRANSIENT_ERRORS):

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events import MessageAppended, PartiallyPublishedError, Publisher, RedisUnavailableError
@@ -30,6 +30,7 @@ from store import (
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
+    ConnectionsBusyError,
     Group,
     Keys,
     RedisClient,
@@ -103,6 +104,34 @@ async def test_redis_answers_never_open_the_breaker(default_redis_url: str, keys
         await client.delete(keys.ingest(0))
     finally:
         await client.aclose()
+
+
+async def test_a_client_out_of_connections_is_not_redis_being_down() -> None:
+    """redis-py's "Too many connections" and the call gate's ConnectionsBusyError come
+    before anything is sent: they neither open the breaker nor pass for a trial that
+    reached Redis."""
+    breaker = CircuitBreaker("busy", threshold=1, reset_seconds=0.1)
+
+    async def exhausted() -> None:
+        raise MaxConnectionsError("Too many connections")
+
+    async def busy() -> None:
+        raise ConnectionsBusyError("busy", 1, 0.1)
+
+    for _ in range(3):
+        for call in (exhausted, busy):
+            with pytest.raises(RedisConnectionError):
+                await breaker.call(call)
+    assert breaker.state is CircuitState.CLOSED and breaker.opens == 0
+    await open_breaker(breaker)
+    deadline = time.monotonic() + 5
+    while breaker.state is not CircuitState.HALF_OPEN:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    for call in (exhausted, busy):
+        with pytest.raises(RedisConnectionError):
+            await breaker.call(call)
+        assert breaker.state is CircuitState.HALF_OPEN  # no answer from Redis: still a trial
 
 
 async def test_one_trial_goes_through_when_half_open_and_its_success_closes(
