@@ -30,13 +30,17 @@ for i, mem in ipairs(memories) do
   local log, meta, tok = KEYS[4 + (i - 1) * 3 + 1], KEYS[4 + (i - 1) * 3 + 2], KEYS[4 + (i - 1) * 3 + 3]
   local gen = rcall('HGET', meta, 'gen')
   if gen and tonumber(gen) == tonumber(mem.gen) and rcall('EXISTS', tok) == 1 then
+    local added, n = 0, 0
     for _, pair in ipairs(mem.counts) do
       local seq, tokens = pair[1], pair[2]
       if rcall('ZCOUNT', log, seq, seq) == 1 and rcall('HSETNX', tok, seq, tokens) == 1 then
-        rcall('HINCRBY', meta, 'tokens', tokens)
-        rcall('HINCRBY', meta, 'counted', 1)
-        counted = counted + 1
+        added, n = added + tokens, n + 1
       end
+    end
+    if n > 0 then  -- the total moves by exactly the counts just set, in this script
+      rcall('HINCRBY', meta, 'tokens', added)
+      rcall('HINCRBY', meta, 'counted', n)
+      counted = counted + n
     end
     local state = rcall('HMGET', meta, 'tokens', 'count', 'flush_gen', 'flush_at')
     local total, count = tonumber(state[1]) or 0, tonumber(state[2]) or 0
