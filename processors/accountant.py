@@ -8,8 +8,10 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 
-from memory import MemoryRef, ResourceRegistry
+from memory import MemoryRef, MemoryResource, ResourceRegistry, StoredMessage
+from memory.tokens import TokenCounter
 from processors.metrics import Metrics
 from processors.port import Batch, Handled
 from processors.tokenizers import Tokenizers
@@ -64,33 +66,17 @@ class Accountant:
         for (memory_id, _), wanted_seqs in wanted.items():
             by_memory[memory_id] |= wanted_seqs
         messages = await self._accounts.messages(batch.partition, by_memory) if by_memory else {}
-        counts = []
+        memories: list[_Tally] = []
         for (memory_id, gen), seqs in wanted.items():
             resource = self.registry.find(MemoryRef.parse_id(memory_id).resource)
             if resource is None:
                 continue  # its resource is no longer loaded: nothing to count it with
-            counter = self._tokenizers.for_resource(resource)
             stored = messages.get(memory_id, {})
-            counts.append(
-                MemoryCounts(
-                    memory_id=memory_id,
-                    gen=gen,
-                    counts=[
-                        (seq, counter.message(stored[seq]))
-                        for seq in sorted(seqs)
-                        if seq in stored and stored[seq].gen == gen
-                    ],
-                    token_limit=resource.token_limit
-                    if resource.type.value in ("token_based", "buffer")
-                    else None,
-                    message_limit=resource.max_messages
-                    if resource.type.value in ("message_count_based", "buffer")
-                    else None,
-                    threshold=resource.flushing.summarize_threshold,
-                    request=uuid.uuid4().hex,
-                    mark_ms=int(MARK_TTLS * resource.locking.flush_ttl * 1000),
-                )
-            )
+            todo = [stored[s] for s in sorted(seqs) if s in stored and stored[s].gen == gen]
+            counter = self._tokenizers.for_resource(resource)
+            memories.append(_Tally(_budget(memory_id, gen, resource), counter, todo))
+        self._count(memories)
+        counts = [t.budget for t in memories]
         started = time.perf_counter()
         await self._accounts.apply(batch.lease, counts, [e.id for e in batch.entries])
         try:  # the counts are applied: metrics never fail them
@@ -101,3 +87,47 @@ class Accountant:
         except Exception:
             log.exception("recording the metrics of a batch failed")
         return Handled()
+
+    def _count(self, memories: list[_Tally]) -> None:
+        """Count every message of the batch, in one batch per counter (memories of one
+        model share it), and fill in each memory's counts."""
+        by_counter: dict[int, list[_Tally]] = defaultdict(list)
+        for tally in memories:
+            by_counter[id(tally.counter)].append(tally)
+        for tallies in by_counter.values():
+            tokens = tallies[0].counter.messages([m for t in tallies for m in t.messages])
+            i = 0
+            for t in tallies:
+                n = len(t.messages)
+                t.budget.counts = [
+                    (m.seq, c) for m, c in zip(t.messages, tokens[i : i + n], strict=True)
+                ]
+                i += n
+
+
+@dataclass(frozen=True, slots=True)
+class _Tally:
+    """One memory generation of a batch: what ``apply_counts`` gets for it, the counter
+    of its model and the messages it counts."""
+
+    budget: MemoryCounts
+    counter: TokenCounter
+    messages: list[StoredMessage]
+
+
+def _budget(memory_id: str, gen: int, resource: MemoryResource) -> MemoryCounts:
+    """What ``apply_counts`` needs of a memory besides its counts: its limits and
+    threshold, and the id of the flush request it writes if the memory trips it."""
+    return MemoryCounts(
+        memory_id=memory_id,
+        gen=gen,
+        token_limit=resource.token_limit
+        if resource.type.value in ("token_based", "buffer")
+        else None,
+        message_limit=resource.max_messages
+        if resource.type.value in ("message_count_based", "buffer")
+        else None,
+        threshold=resource.flushing.summarize_threshold,
+        request=uuid.uuid4().hex,
+        mark_ms=int(MARK_TTLS * resource.locking.flush_ttl * 1000),
+    )
