@@ -1030,12 +1030,12 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         "",
         "ratios (per run, then the median):",
-        *[f"  {label:<56}{fmt(v, d, k)}" for label, v, d in ratios],
+        *[f"  {label:<60}{fmt(v, d, k)}" for label, v, d in ratios],
         "  (1) the accountant's tokens include the formula's framing, raw tiktoken's do not",
         "  (2) CPU of this process only; Redis's CPU is apart, below",
         "",
         "where the accountant's time goes, us per message:",
-        *[f"  {label:<56}{fmt(v, d, k)}" for label, v, d in parts],
+        *[f"  {label:<60}{fmt(v, d, k)}" for label, v, d in parts],
         "",
         f"baseline rounds, before / after the accountant, wall: raw tiktoken "
         f"{fmt(drift['raw_tiktoken'], 2, k)}, threads "
