@@ -1,6 +1,7 @@
 """Accountant benchmark: how fast the accountant worker counts applied messages
-(messages/s, tokens/s), against raw tiktoken and ``TokenCounter.message`` on the same
-messages, in the same run. See benchmarks/README.md for the method and the figures.
+(messages/s, tokens/s), against raw tiktoken (one thread, and its batch form over the
+accountant's counting threads) and ``TokenCounter.message`` on the same messages, in the
+same run. See benchmarks/README.md for the method and the figures.
 
     .venv/bin/python benchmarks/accountant.py --repeat 3
     .venv/bin/python benchmarks/accountant.py --redis-url redis://host:6379 --json
@@ -8,8 +9,11 @@ messages, in the same run. See benchmarks/README.md for the method and the figur
 Per repeat, on a fresh namespace: publish every message and apply it with an in-process
 appender worker (not timed), then time an in-process accountant worker that counts all
 of them, then verify the stored counts against a recount and time the baselines on the
-same messages: tiktoken's ``encode_ordinary`` on their texts, ``TokenCounter.message``
-on the stored messages, and decoding the stored JSON (a part of the accountant's work).
+same messages: tiktoken's ``encode_ordinary`` on their texts (in a loop on one thread;
+with ``encode_ordinary_batch`` over ``--threads`` threads; and over ``--threads`` threads
+with a copy of the encoding each, as the accountant's counting threads have),
+``TokenCounter.message`` on the stored messages, and decoding the stored JSON batch by
+batch (a part of the accountant's work).
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import tiktoken
+import tiktoken.registry
 from harness import (
     Meter,
     RedisTarget,
@@ -57,7 +64,7 @@ from memory.message import FunctionCall
 from memory.tokens import TokenCounter
 from processors import Appender, Settings, Worker, WorkerConfig
 from processors.accountant import Accountant
-from processors.tokenizers import Tokenizers
+from processors.tokenizers import Tokenizers, split
 from store import (
     Accounts,
     Keys,
@@ -85,6 +92,7 @@ class Options:
     memories: int
     partitions: int
     batch: int
+    threads: int
     repeat: int
     seed: int
     redis_url: str | None
@@ -365,12 +373,9 @@ def same_message(stored: StoredMessage, original: Message) -> bool:
 
 
 class TimedAccounts(Accounts):
-    """The accountant's store, noting what happens between its two Redis round trips
-    per batch: reading the messages (one pipeline, then JSON decoding) and applying the
-    counts (one fenced script). What lies between them is counting (and building the
-    few per-memory records that carry the counts); it runs without an await, so its
-    time is exact even with every partition's loop interleaved on the event loop.
-    Also notes when the last expected message was counted."""
+    """The accountant's store, noting when the worker first reads messages and when
+    the batch that counted the last expected message was applied (and the CPU time of
+    this thread, the event loop's, and of the whole process then)."""
 
     def __init__(self, client: RedisClient, scripts: Scripts, keys: Keys, expected: int) -> None:
         super().__init__(client, scripts, keys)
@@ -378,12 +383,11 @@ class TimedAccounts(Accounts):
         self.counted = 0
         self.flush_requests = 0
         self.batches = 0
-        self.counting_s = 0.0  # wall
-        self.counting_cpu_s = 0.0
         self.first_read: float | None = None
         self.done_at: float | None = None
+        self.start_cpu = (0.0, 0.0)  # this thread, the process
+        self.done_cpu: tuple[float, float] | None = None
         self.done = asyncio.Event()
-        self._read_end: tuple[float, float] | None = None  # wall, CPU
 
     async def messages(
         self,
@@ -400,18 +404,35 @@ class TimedAccounts(Accounts):
     async def apply(
         self, lease: Lease, memories: Sequence[MemoryCounts], entry_ids: Sequence[str]
     ) -> tuple[int, int]:
-        if self._read_end is not None:
-            self.counting_s += time.perf_counter() - self._read_end[0]
-            self.counting_cpu_s += time.process_time() - self._read_end[1]
-            self._read_end = None
         self.batches += 1
         counted, requests = await super().apply(lease, memories, entry_ids)
         self.counted += counted
         self.flush_requests += requests
         if self.counted >= self.expected and self.done_at is None:
             self.done_at = time.perf_counter()
+            self.done_cpu = (time.thread_time(), time.process_time())
             self.done.set()
         return counted, requests
+
+
+class TimedAccountant(Accountant):
+    """The accountant, timing its counting: the formula and the encoding of each batch,
+    a stretch without an await (so its time is exact even with every partition's loop
+    on the event loop), in this thread and, for part of the encoding, on the counting
+    threads."""
+
+    def __init__(
+        self, accounts: Accounts, registry: ResourceRegistry, tokenizers: Tokenizers
+    ) -> None:
+        super().__init__(accounts, registry, tokenizers)
+        self.counting_s = 0.0
+        self.counting_cpu_s = 0.0  # this thread's
+
+    def _count(self, memories: Any) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        super()._count(memories)
+        self.counting_s += time.perf_counter() - t0
+        self.counting_cpu_s += time.thread_time() - c0
 
 
 # --- one run ------------------------------------------------------------------------------
@@ -447,13 +468,53 @@ def timed(fn: Callable[[], int]) -> Pass:
     return Pass(time.perf_counter() - t0, time.process_time() - c0, tokens)
 
 
+class OwnEncodings:
+    """``threads`` threads, each with a copy of the encoding of its own (as the
+    accountant's counting threads have: threads sharing one tiktoken encoder contend in
+    it), encoding runs of texts at the same time."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        tiktoken.list_encoding_names()
+        constructors = tiktoken.registry.ENCODING_CONSTRUCTORS
+        assert constructors is not None
+        self._threads = [ThreadPoolExecutor(1) for _ in range(threads)]
+        # Each copy is built and first used in the thread that will use it.
+        self._encodings = [
+            pool.submit(lambda: tiktoken.Encoding(**constructors[name]())).result()
+            for pool in self._threads
+        ]
+        self.count(["warm up, " * 100] * threads)
+
+    def count(self, texts: Sequence[str]) -> int:
+        """The tokens of every text, the texts cut into one run per thread."""
+        runs = split(texts, len(self._threads))
+        futures = [
+            pool.submit(lambda e, run: sum(len(e.encode_ordinary(t)) for t in run), enc, run)
+            for pool, enc, run in zip(self._threads, self._encodings, runs, strict=False)
+        ]
+        return sum(f.result() for f in futures)
+
+    def close(self) -> None:
+        for pool in self._threads:
+            pool.shutdown()
+
+
+def decode_by_batch(raw: list[str], batch: int) -> int:
+    """Decode the stored JSON ``batch`` messages at a time, keeping none of them (as the
+    accountant does: a whole backlog of objects kept alive costs the collector more)."""
+    validate = StoredMessage.model_validate_json
+    return sum(len([validate(t) for t in raw[i : i + batch]]) for i in range(0, len(raw), batch))
+
+
 @dataclass(frozen=True, slots=True)
 class Baselines:
     """One round of the in-process baselines over the same N messages."""
 
     raw_tiktoken: Pass  # encode_ordinary of each text TokenCounter would encode
+    raw_tiktoken_threads: Pass  # the same texts, encode_ordinary_batch over the threads
+    raw_own_threads: Pass  # the same texts over the threads, each with its own encoding
     token_counter: Pass  # TokenCounter.message of each stored message
-    decode: Pass  # StoredMessage.model_validate_json of each stored JSON
+    decode: Pass  # StoredMessage.model_validate_json of each stored JSON, batch by batch
 
     @classmethod
     def measure(
@@ -462,20 +523,28 @@ class Baselines:
         tokenizers: Tokenizers,
         stored: list[StoredMessage],
         raw: list[str],
+        batch: int,
+        own: OwnEncodings,
     ) -> Baselines:
         texts = [t for m in stored for t in texts_of(m)]
-        encode = tokenizers.encoder(counter.name).encode_ordinary
+        encoding = tokenizers.encoder(counter.name)
+        encode, threads = encoding.encode_ordinary, tokenizers.threads
         message = counter.message
-        validate = StoredMessage.model_validate_json
         return cls(
             raw_tiktoken=timed(lambda: sum(len(encode(t)) for t in texts)),
+            raw_tiktoken_threads=timed(
+                lambda: sum(map(len, encoding.encode_ordinary_batch(texts, num_threads=threads)))
+            ),
+            raw_own_threads=timed(lambda: own.count(texts)),
             token_counter=timed(lambda: sum(message(m) for m in stored)),
-            decode=timed(lambda: len([validate(t) for t in raw])),
+            decode=timed(lambda: decode_by_batch(raw, batch)),
         )
 
     def __add__(self, other: Baselines) -> Baselines:
         return Baselines(
             self.raw_tiktoken + other.raw_tiktoken,
+            self.raw_tiktoken_threads + other.raw_tiktoken_threads,
+            self.raw_own_threads + other.raw_own_threads,
             self.token_counter + other.token_counter,
             self.decode + other.decode,
         )
@@ -485,10 +554,12 @@ class Baselines:
 class Run:
     messages: int
     raw_tiktoken: dict[str, float]  # both rounds together
+    raw_tiktoken_threads: dict[str, float]
+    raw_own_threads: dict[str, float]
     token_counter: dict[str, float]
     accountant: dict[str, float]
-    decode_us_per_msg: float  # CPU of StoredMessage.model_validate_json of the stored JSON
-    counting_us_per_msg: dict[str, float]  # the accountant's own counting, timed in it
+    decode_us_per_msg: float  # CPU of StoredMessage.model_validate_json, batch by batch
+    counting_us_per_msg: dict[str, float]  # wall; CPU in this thread, in the helpers
     startup_ms: float  # worker start -> its first read of stored messages
     batches: int
     flush_requests: int
@@ -611,33 +682,32 @@ async def run_accountant(
     partitions: int,
     expected: int,
     timeout: float,
-) -> tuple[TimedAccounts, float, Snapshot, Snapshot]:
+) -> tuple[TimedAccounts, TimedAccountant, float, Snapshot, Snapshot]:
     """An accountant worker, in this process, until every partition is idle; timed
     from its start to the end of the batch that counted the last message."""
     accounts = TimedAccounts(client, scripts, keys, expected)
-    worker = Worker(
-        client,
-        scripts,
-        keys,
-        Accountant(accounts, registry, tokenizers),
-        partitions,
-        config,
-        "bench-accountant",
-    )
+    accountant = TimedAccountant(accounts, registry, tokenizers)
+    worker = Worker(client, scripts, keys, accountant, partitions, config, "bench-accountant")
     meter = Meter(client)
 
     async def after_done() -> Snapshot:
         await accounts.done.wait()
         return await meter.snapshot()
 
+    # What this process holds (the workload, the messages read back: some 200,000
+    # objects a worker does not have) is left out of the collector's passes during the
+    # window, as `memstream run` leaves out its start-up objects.
     gc.collect()
+    gc.freeze()
     before = await meter.snapshot()
     watcher = asyncio.create_task(after_done())
+    accounts.start_cpu = (time.thread_time(), time.process_time())
     t0 = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
             await worker.run(asyncio.Event(), until_idle=True)
     finally:
+        gc.unfreeze()
         if not accounts.done.is_set():
             watcher.cancel()
     if accounts.done_at is None:
@@ -645,7 +715,7 @@ async def run_accountant(
             f"the accountant counted {accounts.counted} of {expected} messages, then went idle"
         )
     after = await watcher
-    return accounts, t0, before, after
+    return accounts, accountant, t0, before, after
 
 
 async def one_run(
@@ -656,6 +726,7 @@ async def one_run(
     resource: MemoryResource,
     tokenizers: Tokenizers,
     settings: Settings,
+    own: OwnEncodings,
 ) -> Run:
     """Load a fresh namespace, then: baselines, the accountant (timed), verification,
     baselines again. The run's baseline is both rounds together, so drift of the
@@ -674,9 +745,9 @@ async def one_run(
             client, scripts, keys, workload, counter, partitions, counted=False
         )
         raw_json = await stored_json(client, keys, workload, partitions)
-        first = Baselines.measure(counter, tokenizers, stored, raw_json)
+        first = Baselines.measure(counter, tokenizers, stored, raw_json, opts.batch, own)
 
-        accounts, t0, before, after = await run_accountant(
+        accounts, timed, t0, before, after = await run_accountant(
             client,
             scripts,
             keys,
@@ -694,7 +765,7 @@ async def one_run(
         stored, stored_total = await verify(
             client, scripts, keys, workload, counter, partitions, counted=True
         )
-        second = Baselines.measure(counter, tokenizers, stored, raw_json)
+        second = Baselines.measure(counter, tokenizers, stored, raw_json, opts.batch, own)
         if second.token_counter.tokens != stored_total:
             raise BrokenRunError(
                 f"stored {stored_total} tokens, TokenCounter {second.token_counter.tokens}"
@@ -702,18 +773,31 @@ async def one_run(
 
         both = first + second
         raw, formula = both.raw_tiktoken.figures(2 * n), both.token_counter.figures(2 * n)
+        raw_threads = both.raw_tiktoken_threads.figures(2 * n)
+        raw_own = both.raw_own_threads.figures(2 * n)
+        tokens = {both.raw_tiktoken_threads.tokens, both.raw_own_threads.tokens}
+        if tokens != {both.raw_tiktoken.tokens}:
+            raise BrokenRunError("the threaded baselines count other tokens than one thread")
         acct_cpu = usage.cpu_us_per_msg["producer"]
         acct = Pass(accounts.done_at - t0, (acct_cpu or math.nan) * n / 1e6, stored_total)
         accountant = acct.figures(n)
+        assert accounts.done_cpu is not None
+        # The process's CPU beyond this thread's is the counting threads' (nothing else
+        # runs in it meanwhile).
+        main_s = accounts.done_cpu[0] - accounts.start_cpu[0]
+        process_s = accounts.done_cpu[1] - accounts.start_cpu[1]
         return Run(
             messages=n,
             raw_tiktoken=raw,
+            raw_tiktoken_threads=raw_threads,
+            raw_own_threads=raw_own,
             token_counter=formula,
             accountant=accountant,
             decode_us_per_msg=both.decode.figures(2 * n)["cpu_us_per_msg"],
             counting_us_per_msg={
-                "wall": round(accounts.counting_s * 1e6 / n, 2),
-                "cpu": round(accounts.counting_cpu_s * 1e6 / n, 2),
+                "wall": round(timed.counting_s * 1e6 / n, 2),
+                "cpu": round((timed.counting_cpu_s + process_s - main_s) * 1e6 / n, 2),
+                "cpu_helpers": round((process_s - main_s) * 1e6 / n, 2),
             },
             startup_ms=round((accounts.first_read - t0) * 1000, 1),
             batches=accounts.batches,
@@ -724,6 +808,9 @@ async def one_run(
             background_cores=usage.background_cores,
             ratios={
                 "msg_per_s_vs_raw_tiktoken": accountant["msg_per_s"] / raw["msg_per_s"],
+                "msg_per_s_vs_raw_tiktoken_threads": accountant["msg_per_s"]
+                / raw_threads["msg_per_s"],
+                "msg_per_s_vs_raw_own_threads": accountant["msg_per_s"] / raw_own["msg_per_s"],
                 "msg_per_s_vs_token_counter": accountant["msg_per_s"] / formula["msg_per_s"],
                 "tokens_per_s_vs_raw_tiktoken": accountant["tokens_per_s"] / raw["tokens_per_s"],
                 "msg_per_cpu_s_vs_raw_tiktoken": raw["cpu_us_per_msg"]
@@ -733,6 +820,9 @@ async def one_run(
             },
             drift={
                 "raw_tiktoken": first.raw_tiktoken.wall_s / second.raw_tiktoken.wall_s,
+                "raw_tiktoken_threads": first.raw_tiktoken_threads.wall_s
+                / second.raw_tiktoken_threads.wall_s,
+                "raw_own_threads": first.raw_own_threads.wall_s / second.raw_own_threads.wall_s,
                 "token_counter": first.token_counter.wall_s / second.token_counter.wall_s,
             },
             checked=(
@@ -757,7 +847,13 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         return spread([float(v) for v in values if v is not None])
 
     out: dict[str, Any] = {}
-    for system in ("raw_tiktoken", "token_counter", "accountant"):
+    for system in (
+        "raw_tiktoken",
+        "raw_tiktoken_threads",
+        "raw_own_threads",
+        "token_counter",
+        "accountant",
+    ):
         figures: list[dict[str, float]] = [getattr(r, system) for r in runs]
         out[system] = {
             key: over([f[key] for f in figures])
@@ -767,34 +863,40 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     out["accountant_breakdown_us_per_msg"] = {
         "counting_wall": over([r.counting_us_per_msg["wall"] for r in runs]),
         "counting_cpu": over([r.counting_us_per_msg["cpu"] for r in runs]),
+        "counting_cpu_helpers": over([r.counting_us_per_msg["cpu_helpers"] for r in runs]),
         "decode": over([r.decode_us_per_msg for r in runs]),
         "accountant_process_cpu": over([r.cpu_us_per_msg["accountant_process"] for r in runs]),
         "redis_cpu": over([r.cpu_us_per_msg["redis"] for r in runs]),
     }
     out["redis_calls_per_msg"] = over([r.redis_calls_per_msg for r in runs])
     out["startup_ms"] = over([r.startup_ms for r in runs])
-    out["baseline_drift"] = {
-        key: over([r.drift[key] for r in runs]) for key in ("raw_tiktoken", "token_counter")
-    }
+    out["baseline_drift"] = {key: over([r.drift[key] for r in runs]) for key in runs[0].drift}
     out["background_cores"] = [r.background_cores for r in runs]
     return out
 
 
 async def run(opts: Options) -> dict[str, Any]:
     settings = Settings(
-        partitions=opts.partitions, resources=str(opts.resources), batch_size=opts.batch
+        partitions=opts.partitions,
+        resources=str(opts.resources),
+        batch_size=opts.batch,
+        count_threads=opts.threads,
     )
     registry = ResourceRegistry.load(settings.resource_paths())
     resource = registry.find(RESOURCE)
     if resource is None:
         raise BrokenRunError(f"no {RESOURCE} resource in {opts.resources}")
-    tokenizers = Tokenizers()
+    tokenizers = Tokenizers(threads=settings.count_threads)
     counter = tokenizers.for_resource(resource)
     log(f"building {opts.messages:,} messages over {opts.memories} memories ...")
     workload = Workload.build(opts.messages, opts.memories, opts.seed)
-    for ms in workload.messages[:8]:  # the encoder is loaded and warm before anything is timed
+    # The encoder, and the counting threads' own copies of it, are loaded and warm before
+    # anything is timed.
+    for ms in workload.messages[:8]:
         for m in ms:
             counter.message(m)
+        counter.messages(ms)
+    own = OwnEncodings(counter.name, settings.count_threads)
     target = (
         RedisTarget(opts.redis_url, "", False)
         if opts.redis_url
@@ -812,11 +914,13 @@ async def run(opts: Options) -> dict[str, Any]:
         for r in range(opts.repeat):
             log(f"[{r + 1}/{opts.repeat}] publish + append (not timed), then the accountant ...")
             result = await one_run(
-                opts, target.url, workload, registry, resource, tokenizers, settings
+                opts, target.url, workload, registry, resource, tokenizers, settings, own
             )
             log(f"    {one_line(result)}")
             runs.append(result)
     finally:
+        own.close()
+        tokenizers.close()
         target.stop()
     return {
         "benchmark": "accountant",
@@ -826,6 +930,7 @@ async def run(opts: Options) -> dict[str, Any]:
             "memories": opts.memories,
             "partitions": opts.partitions,
             "accountant_batch": settings.batch_size,
+            "count_threads": settings.count_threads,
             "repeat": opts.repeat,
             "seed": opts.seed,
             "tenant": TENANT,
@@ -851,8 +956,10 @@ def one_line(r: Run) -> str:
     a, raw, tc = r.accountant, r.raw_tiktoken, r.token_counter
     return (
         f"accountant {a['msg_per_s']:,.0f} msg/s ({a['tokens_per_s']:,.0f} tok/s), raw tiktoken "
-        f"{raw['msg_per_s']:,.0f} msg/s, TokenCounter {tc['msg_per_s']:,.0f} msg/s; ratio "
+        f"{raw['msg_per_s']:,.0f} msg/s (threads {r.raw_tiktoken_threads['msg_per_s']:,.0f}), "
+        f"TokenCounter {tc['msg_per_s']:,.0f} msg/s; ratio "
         f"{r.ratios['msg_per_s_vs_raw_tiktoken']:.3f} (raw) "
+        f"{r.ratios['msg_per_s_vs_raw_tiktoken_threads']:.3f} (raw, threads) "
         f"{r.ratios['msg_per_s_vs_token_counter']:.3f} (TokenCounter)"
         f"; background {r.background_cores} CPUs"
     )
@@ -877,7 +984,7 @@ def render(report: dict[str, Any]) -> str:
         f"  N={c['messages']:,} messages over M={c['memories']} memories of {c['resource']} "
         f"({c['model']}: {c['encoding']}, tiktoken {c['tiktoken']}), {c['partitions']} "
         f"partitions, accountant batch "
-        f"{c['accountant_batch']}, seed {c['seed']}",
+        f"{c['accountant_batch']}, {c['count_threads']} counting thread(s), seed {c['seed']}",
         f"  workload: {w['words_per_msg']} words, {w['text_bytes_per_msg']} B of text per "
         f"message; roles {w['roles']}; {w['tool_calls']} tool calls, {w['named']} named",
         f"  figures: median of {k} run(s)" + (" (min-max)" if k > 1 else ""),
@@ -885,7 +992,9 @@ def render(report: dict[str, Any]) -> str:
         f"{'':<44}{'msg/s':>24}{'tokens/s':>32}{'us/msg':>22}{'CPU us/msg':>22}",
     ]
     names = {
-        "raw_tiktoken": "raw tiktoken (encode_ordinary of the texts)",
+        "raw_tiktoken": "raw tiktoken, 1 thread (encode_ordinary)",
+        "raw_tiktoken_threads": f"raw, encode_ordinary_batch, {c['count_threads']} threads",
+        "raw_own_threads": f"raw, {c['count_threads']} threads with an encoding each",
         "token_counter": "TokenCounter.message (the formula)",
         "accountant": "accountant worker (in-process, until idle)",
     }
@@ -897,7 +1006,17 @@ def render(report: dict[str, Any]) -> str:
         )
     r, b = s["ratios"], s["accountant_breakdown_us_per_msg"]
     ratios = [
-        ("accountant / raw tiktoken, msg/s", r["msg_per_s_vs_raw_tiktoken"], 3),
+        ("accountant / raw tiktoken (1 thread), msg/s", r["msg_per_s_vs_raw_tiktoken"], 3),
+        (
+            f"accountant / raw encode_ordinary_batch ({c['count_threads']} threads), msg/s",
+            r["msg_per_s_vs_raw_tiktoken_threads"],
+            3,
+        ),
+        (
+            f"accountant / raw, {c['count_threads']} threads with an encoding each, msg/s",
+            r["msg_per_s_vs_raw_own_threads"],
+            3,
+        ),
         ("accountant / TokenCounter, msg/s", r["msg_per_s_vs_token_counter"], 3),
         ("accountant / raw tiktoken, tokens/s (1)", r["tokens_per_s_vs_raw_tiktoken"], 3),
         ("accountant / raw tiktoken, msg per CPU-s (2)", r["msg_per_cpu_s_vs_raw_tiktoken"], 3),
@@ -905,7 +1024,8 @@ def render(report: dict[str, Any]) -> str:
     ]
     parts = [
         ("counting inside the accountant, wall", b["counting_wall"], 1),
-        ("counting inside the accountant, CPU", b["counting_cpu"], 1),
+        ("counting inside the accountant, CPU (all threads)", b["counting_cpu"], 1),
+        ("  of which on the helper threads", b["counting_cpu_helpers"], 1),
         ("decoding the stored JSON (timed apart, CPU)", b["decode"], 1),
         ("CPU of the accountant's process over the window", b["accountant_process_cpu"], 1),
         ("CPU of Redis over the window", b["redis_cpu"], 1),
@@ -916,15 +1036,18 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         "",
         "ratios (per run, then the median):",
-        *[f"  {label:<50}{fmt(v, d, k)}" for label, v, d in ratios],
+        *[f"  {label:<60}{fmt(v, d, k)}" for label, v, d in ratios],
         "  (1) the accountant's tokens include the formula's framing, raw tiktoken's do not",
         "  (2) CPU of this process only; Redis's CPU is apart, below",
         "",
         "where the accountant's time goes, us per message:",
-        *[f"  {label:<50}{fmt(v, d, k)}" for label, v, d in parts],
+        *[f"  {label:<60}{fmt(v, d, k)}" for label, v, d in parts],
         "",
         f"baseline rounds, before / after the accountant, wall: raw tiktoken "
-        f"{fmt(drift['raw_tiktoken'], 2, k)}, TokenCounter {fmt(drift['token_counter'], 2, k)}",
+        f"{fmt(drift['raw_tiktoken'], 2, k)}, threads "
+        f"{fmt(drift['raw_tiktoken_threads'], 2, k)}, an encoding each "
+        f"{fmt(drift['raw_own_threads'], 2, k)}, TokenCounter "
+        f"{fmt(drift['token_counter'], 2, k)}",
         f"other work on the machine during the accountant, CPUs busy: {s['background_cores']}",
     ]
     return "\n".join(lines)
@@ -942,12 +1065,19 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     p.add_argument(
         "--batch", type=int, default=100, help="accountant batch size, entries (default 100)"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=Settings.model_fields["count_threads"].default,
+        help="the accountant's counting threads (MEMSTREAM_COUNT_THREADS), also the threads "
+        "of the raw encode_ordinary_batch figure (default: the setting's default)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs, figures are medians (default 1)")
     p.add_argument("--seed", type=int, default=7, help="workload seed (default 7)")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for a worker")
     add_report_arguments(p, ROOT / "memories")
     a = p.parse_args(argv)
-    for name in ("messages", "memories", "partitions", "batch", "repeat"):
+    for name in ("messages", "memories", "partitions", "batch", "threads", "repeat"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be at least 1")
     if a.messages < a.memories:
@@ -957,6 +1087,7 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         memories=a.memories,
         partitions=a.partitions,
         batch=a.batch,
+        threads=a.threads,
         repeat=a.repeat,
         seed=a.seed,
         redis_url=a.redis_url,

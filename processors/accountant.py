@@ -10,9 +10,11 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 
-from memory import MemoryRef, MemoryResource, ResourceRegistry
+from memory import MemoryRef, MemoryResource, ResourceRegistry, StoredMessage
 from memory.flush import PrioritiesCache
+from memory.tokens import TokenCounter
 from processors.metrics import Metrics
 from processors.port import Batch, Handled
 from processors.tokenizers import Tokenizers
@@ -76,12 +78,11 @@ class Accountant:
             for memory_id, resource in resources.items()
         }
         read = await self._accounts.messages(batch.partition, by_memory, rules) if by_memory else {}
-        counts = []
+        memories: list[_Tally] = []
         for (memory_id, gen), seqs in wanted.items():
             resource = resources.get(memory_id)
             if resource is None:
                 continue
-            counter = self._tokenizers.for_resource(resource)
             priorities = self._priorities.of(resource.priority)
             stored = read[memory_id]
             mine = [
@@ -90,27 +91,18 @@ class Accountant:
                 if seq in stored.messages and stored.messages[seq].gen == gen
             ]
             every = stored.every
-            counts.append(
-                MemoryCounts(
-                    memory_id=memory_id,
-                    gen=gen,
-                    counts=[(m.seq, counter.message(m)) for m in mine],
-                    token_limit=resource.token_limit
-                    if resource.type.value in ("token_based", "buffer")
-                    else None,
-                    message_limit=resource.max_messages
-                    if resource.type.value in ("message_count_based", "buffer")
-                    else None,
-                    threshold=resource.flushing.summarize_threshold,
-                    request=uuid.uuid4().hex,
-                    mark_ms=int(MARK_TTLS * resource.locking.flush_ttl * 1000),
-                    rules=priorities.fingerprint,
-                    protected=[m.seq for m in mine if priorities.is_protected(m)],
-                    rebuild=None
-                    if every is None
-                    else [m.seq for m in every if m.gen == gen and priorities.is_protected(m)],
-                )
+            budget = _budget(memory_id, gen, resource)
+            budget.rules = priorities.fingerprint
+            budget.protected = [m.seq for m in mine if priorities.is_protected(m)]
+            budget.rebuild = (
+                None
+                if every is None
+                else [m.seq for m in every if m.gen == gen and priorities.is_protected(m)]
             )
+            counter = self._tokenizers.for_resource(resource)
+            memories.append(_Tally(budget, counter, mine))
+        self._count(memories)
+        counts = [t.budget for t in memories]
         started = time.perf_counter()
         await self._accounts.apply(batch.lease, counts, [e.id for e in batch.entries])
         try:  # the counts are applied: metrics never fail them
@@ -121,3 +113,47 @@ class Accountant:
         except Exception:
             log.exception("recording the metrics of a batch failed")
         return Handled()
+
+    def _count(self, memories: list[_Tally]) -> None:
+        """Count every message of the batch, in one batch per counter (memories of one
+        model share it), and fill in each memory's counts."""
+        by_counter: dict[int, list[_Tally]] = defaultdict(list)
+        for tally in memories:
+            by_counter[id(tally.counter)].append(tally)
+        for tallies in by_counter.values():
+            tokens = tallies[0].counter.messages([m for t in tallies for m in t.messages])
+            i = 0
+            for t in tallies:
+                n = len(t.messages)
+                t.budget.counts = [
+                    (m.seq, c) for m, c in zip(t.messages, tokens[i : i + n], strict=True)
+                ]
+                i += n
+
+
+@dataclass(frozen=True, slots=True)
+class _Tally:
+    """One memory generation of a batch: what ``apply_counts`` gets for it, the counter
+    of its model and the messages it counts."""
+
+    budget: MemoryCounts
+    counter: TokenCounter
+    messages: list[StoredMessage]
+
+
+def _budget(memory_id: str, gen: int, resource: MemoryResource) -> MemoryCounts:
+    """What ``apply_counts`` needs of a memory besides its counts: its limits and
+    threshold, and the id of the flush request it writes if the memory trips it."""
+    return MemoryCounts(
+        memory_id=memory_id,
+        gen=gen,
+        token_limit=resource.token_limit
+        if resource.type.value in ("token_based", "buffer")
+        else None,
+        message_limit=resource.max_messages
+        if resource.type.value in ("message_count_based", "buffer")
+        else None,
+        threshold=resource.flushing.summarize_threshold,
+        request=uuid.uuid4().hex,
+        mark_ms=int(MARK_TTLS * resource.locking.flush_ttl * 1000),
+    )

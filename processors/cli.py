@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import signal
@@ -115,7 +116,11 @@ async def run(
         workers = []
         if processor in ("appender", "all"):
             workers.append(await app.appender(registry))
-        tokenizers = Tokenizers() if processor in ("accountant", "summarizer", "all") else None
+        tokenizers = (
+            Tokenizers(threads=settings.count_threads)
+            if processor in ("accountant", "summarizer", "all")
+            else None
+        )
         if processor in ("accountant", "all") and tokenizers:
             workers.append(await app.accountant(registry, tokenizers))
         if processor in ("summarizer", "all") and tokenizers:
@@ -134,9 +139,18 @@ async def run(
             f"partitions, Redis at {app.describe()}; Ctrl-C stops",
             err=True,
         )
-        async with asyncio.TaskGroup() as tg:
-            for worker in workers:
-                tg.create_task(worker.run(stop, until_idle=until_idle))
+        # Start-up objects (modules, models, resources: some 65,000) live as long as the
+        # process. Left out of every collection, the collector's full passes, which the
+        # workers' allocations trigger, stop walking them (25-40 ms a pass).
+        gc.collect()
+        gc.freeze()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for worker in workers:
+                    tg.create_task(worker.run(stop, until_idle=until_idle))
+        finally:
+            if tokenizers is not None:
+                tokenizers.close()
 
 
 def reload_resources(workers: list[Worker]) -> None:

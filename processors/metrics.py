@@ -9,6 +9,7 @@ tenant, so their number stays bounded.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterable
 
@@ -168,9 +169,9 @@ class Metrics:
         )
 
     def settled(self, processor: str, outcomes: Iterable[tuple[str, str]]) -> None:
-        """Count settled entries: (op kind, outcome) pairs."""
-        for kind, outcome in outcomes:
-            self.events.labels(processor, OP_KINDS.get(kind, kind), outcome).inc()
+        """Count settled entries: (op kind, outcome) pairs (one increment per pair)."""
+        for (kind, outcome), n in collections.Counter(outcomes).items():
+            self.events.labels(processor, OP_KINDS.get(kind, kind), outcome).inc(n)
 
     def forget_partition(self, processor: str, partition: int) -> None:
         """A partition given up: its lag is no longer this process's to report."""

@@ -65,6 +65,14 @@ class Settings(BaseSettings):
         "(at most a quarter of the lease TTL)",
     )
     batch_size: int = Field(default=100, ge=1, le=1000, description="entries per batch")
+    count_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="threads that encode the texts of one accountant batch at once (tiktoken "
+        "runs on several cores); each thread but the first holds its own copy of the "
+        "encoding, about 70 MB for o200k_base",
+    )
     block: float = Field(default=1.0, description="longest wait for new entries")
     max_attempts: int = Field(
         default=10, ge=1, le=1000, description="failed attempts before an entry is dead-lettered"

@@ -75,14 +75,18 @@ for i, mem in ipairs(memories) do
       end
       for _, s in ipairs(mem.protected or {}) do protect[s] = true end
     end
+    local sum, n = 0, 0
     for _, pair in ipairs(mem.counts) do
       local seq, tokens = pair[1], pair[2]
       if rcall('ZCOUNT', log, seq, seq) == 1 and rcall('HSETNX', tok, seq, tokens) == 1 then
-        rcall('HINCRBY', meta, 'tokens', tokens)
-        rcall('HINCRBY', meta, 'counted', 1)
-        counted = counted + 1
+        sum, n = sum + tokens, n + 1
         if protect[seq] then added[#added + 1] = seq end
       end
+    end
+    if n > 0 then  -- the total moves by exactly the counts just set, in this script
+      rcall('HINCRBY', meta, 'tokens', sum)
+      rcall('HINCRBY', meta, 'counted', n)
+      counted = counted + n
     end
     if mem.rules then keep_index(tok, mem, stored, before, added) end
     local state = rcall('HMGET', meta, 'tokens', 'count', 'flush_gen', 'flush_at')

@@ -38,7 +38,7 @@ from store.lock import DistributedLock
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
-TOKENIZERS = Tokenizers()
+TOKENIZERS = Tokenizers(threads=2)  # the accountant counts batches over two threads
 
 FAST = WorkerConfig(
     lease_ttl_ms=2000,
@@ -58,11 +58,13 @@ def user(text: str) -> Message:
     return Message(role=Role.USER, content=text)
 
 
-def memory_in(partition: int, tag: str, partitions: int = PARTITIONS) -> MemoryRef:
-    """A customer-support memory of acme whose key starts with ``tag`` and that falls in
+def memory_in(
+    partition: int, tag: str, partitions: int = PARTITIONS, resource: str = "customer-support"
+) -> MemoryRef:
+    """A memory of acme (of ``resource``) whose key starts with ``tag`` and that falls in
     ``partition`` of ``partitions``."""
     for i in range(10_000):
-        ref = MemoryRef("acme", "customer-support", f"{tag}{i}")
+        ref = MemoryRef("acme", resource, f"{tag}{i}")
         if partition_for(ref.memory_id, partitions) == partition:
             return ref
     raise AssertionError(f"no key found for partition {partition} of {partitions}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from memory import MemoryRef, Message, Role, partition_for
-from tests.runtime.conftest import PARTITIONS, TOKENIZERS, Rig, user
+from pathlib import Path
+
+from memory import MemoryRef, Message, ResourceRegistry, Role, partition_for
+from tests.runtime.conftest import PARTITIONS, ROOT, TOKENIZERS, Rig, memory_in, user
 
 REF = MemoryRef.parse("acme/customer-support/tokens-1")
 P = partition_for(REF.memory_id, PARTITIONS)
@@ -78,3 +80,35 @@ async def test_a_count_for_a_message_cleared_meanwhile_is_not_applied(rig: Rig) 
 
 async def _changes_trimmed(rig: Rig, p: int) -> bool:
     return int(await rig.client.xlen(rig.keys.changes(p))) == 0
+
+
+LEGACY = """resource: memory
+id: legacy-support
+description: a support memory counted with GPT-4's tokenizer (cl100k_base)
+model: gpt-4
+max_tokens: 4000
+"""
+
+
+async def test_memories_of_different_models_in_one_batch_are_each_counted_with_their_own(
+    rig: Rig, tmp_path: Path
+) -> None:
+    (tmp_path / "legacy-support.yaml").write_text(LEGACY)
+    rig.registry = ResourceRegistry.load([ROOT / "memories", tmp_path])
+    modern = rig.registry["customer-support"]
+    legacy = rig.registry["legacy-support"]
+    # Two memories of one partition, so that their changes come in the same batch.
+    ref, other = memory_in(P, "mixed-"), memory_in(P, "mixed-", resource="legacy-support")
+    text = "Grüße aus Kraków! Die Bestellung A-1234567 ist unterwegs. 日本語のテキスト"
+    counters = {ref: TOKENIZERS.for_resource(modern), other: TOKENIZERS.for_resource(legacy)}
+    assert counters[ref].text(text) != counters[other].text(text), "the test needs two counts"
+    rig.start("appender")
+    for i in range(6):
+        for r in (ref, other):
+            await rig.publisher.append(r, user(f"{text} ({i})"), wait=True)
+    rig.start("accountant", rig.accountant())
+    for r in (ref, other):
+        await rig.eventually(lambda r=r: caught_up(rig, r, 6), what="the accountant")
+        view = await rig.reader.read(r)
+        assert view.token_counts == [counters[r].message(m) for m in view.messages]
+        assert view.tokens == sum(counters[r].message(m) for m in view.messages)
