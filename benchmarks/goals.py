@@ -24,7 +24,7 @@ class Goal:
     path: tuple[str, ...]
     op: str  # ">=" or "<="
     target: float | None
-    unit: str = "x"  # "x": a ratio; "B": bytes
+    unit: str = "x"  # "x": a ratio; "B": bytes; "calls": a count of calls
     why: tuple[str, ...] = ()  # where the report says why the figure may be missing
 
 
@@ -109,7 +109,7 @@ GOALS: tuple[Goal, ...] = (
         "accountant msg/s vs raw tiktoken",
         ("summary", "ratios", "msg_per_s_vs_raw_tiktoken"),
         ">=",
-        None,
+        0.8,
     ),
     Goal(
         "reads.small",
@@ -117,7 +117,15 @@ GOALS: tuple[Goal, ...] = (
         "read_context p50 vs LRANGE, smaller memory",
         ("summary", "ratios", "small"),
         "<=",
-        None,
+        1.5,
+    ),
+    Goal(
+        "reads.growth",
+        "reads",
+        "read_context p50, 10,000-message memory vs 500-message memory",
+        ("summary", "ratios", "growth"),
+        "<=",
+        1.2,
     ),
     Goal(
         "reads.large",
@@ -134,6 +142,16 @@ GOALS: tuple[Goal, ...] = (
         ("summary", "single", "p50_ratio_to_rpush"),
         "<=",
         4.0,
+    ),
+    Goal(
+        "waiters.concurrent",
+        "waiters",
+        "1,000 concurrent publish(wait=True) in one process: completed (errors and "
+        "breaker openings in the run file)",
+        ("summary", "concurrent", "completed"),
+        ">=",
+        1000,
+        unit="calls",
     ),
 )
 

@@ -7,9 +7,13 @@ from typing import Any
 
 
 def number(value: float, unit: str) -> str:
-    if unit == "B":
+    if unit != "x":  # bytes, calls: whole numbers
         return f"{value:,.0f}"
     return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def suffix(unit: str) -> str:
+    return "x" if unit == "x" else f" {unit}"
 
 
 def measured(row: dict[str, Any], repeat: int) -> str:
@@ -17,7 +21,7 @@ def measured(row: dict[str, Any], repeat: int) -> str:
     if r is None:
         return str(row.get("note", "not measured"))
     unit = row["unit"]
-    text = number(r["median"], unit) + ("x" if unit == "x" else " B")
+    text = number(r["median"], unit) + suffix(unit)
     if repeat > 1:
         text += f" ({number(r['min'], unit)}-{number(r['max'], unit)})"
     return text
@@ -27,7 +31,7 @@ def bound(row: dict[str, Any]) -> str:
     if row["target"] is None:
         return "none set"
     op = "≥" if row["op"] == ">=" else "≤"
-    return f"{op} {number(row['target'], row['unit'])}{'x' if row['unit'] == 'x' else ' B'}"
+    return f"{op} {number(row['target'], row['unit'])}{suffix(row['unit'])}"
 
 
 def verdict(row: dict[str, Any], notes: list[str] | None = None) -> str:
