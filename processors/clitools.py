@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
@@ -38,6 +39,12 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine; our errors become one line on stderr and exit 1."""
     try:
         return asyncio.run(coro)
+    except BrokenPipeError:
+        # The reader of our output went away (`memstream status | head`): not a Redis
+        # error. Python's documented way out: no more output, and no traceback at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_ERROR)
     except (DomainError, EventError, StoreError) as e:
         message = f"error: {e}"
     except TRANSIENT_ERRORS as e:

@@ -947,3 +947,21 @@ def test_paginated_read_pinned_to_a_generation(service: Cli, tmp_path: Path) -> 
     assert service("write", ref, "--file", str(messages)).code == 0
     stale = service("read", ref, "--after", after, "--generation", gen)
     assert stale.code == 3 and "read it again from the start" in stale.err
+
+
+def test_a_reader_that_goes_away_is_not_a_redis_error(service: Cli) -> None:
+    # `memstream status | head -1`: the pipe closes before the output is written.
+    proc = subprocess.Popen(
+        [MEMSTREAM, "status"],
+        env=service.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read()
+    proc.wait(60)
+    assert "Redis" not in err and "Traceback" not in err, err
