@@ -346,9 +346,7 @@ class Appender:
             event_id=event_ref(event.event_id),
             idempotency_key=decoded.idempotency_key,
             replay_of=decoded.replay_of,
-            # A replay, or a write of a workflow that may have ended, may be refused
-            # inside the apply script: its letter keeps this text (without it the script
-            # keeps the entry's own text, which is what this would be without a policy).
+            # What the letter of a refusal inside the script keeps (see as_written).
             letter_event=None
             if as_written
             else policy.redact_event(decoded.text, registry.workflow_name),
