@@ -299,24 +299,36 @@ def _escaped(text: str) -> str:
 
 def _texts_of_event(data: Any, parts: list[str]) -> None:
     """The texts ``_redact_event_data`` would redact, into ``parts`` (``data`` as JSON
-    decodes: every key a string)."""
+    decodes: every key a string). Their order does not matter (see ``clean``)."""
     if type(data) is not dict:
         _texts(data, parts)
         return
+    add = parts.append
+    parts.extend(data)  # the keys
     for key, value in data.items():
-        parts.append(key)
-        if key in _ENVELOPE_FIELDS and _plain(value):
+        kind = type(value)
+        if kind is str:
+            if key != "event_id" or not _MADE_ID.fullmatch(value):
+                add(value)
+        elif value is None or kind is bool:
             continue
-        if key == "event_id" and type(value) is str and _MADE_ID.fullmatch(value):
-            continue
-        if key == "payload" and type(value) is dict:
+        elif kind is int or kind is float:
+            if key not in _ENVELOPE_FIELDS:
+                add(str(value))
+        elif kind is dict and key == "payload":
+            parts.extend(value)
             for k, v in value.items():
-                parts.append(k)
-                if k in _PAYLOAD_FIELDS and _plain(v):
+                vkind = type(v)
+                if vkind is str:
+                    if k not in _PAYLOAD_IDS or not _STREAM_ID.fullmatch(v):
+                        add(v)
+                elif v is None or vkind is bool:
                     continue
-                if k in _PAYLOAD_IDS and type(v) is str and _STREAM_ID.fullmatch(v):
-                    continue
-                _texts(v, parts)
+                elif vkind is int or vkind is float:
+                    if k not in _PAYLOAD_FIELDS:
+                        add(str(v))
+                else:
+                    _texts(v, parts)
         else:
             _texts(value, parts)
 

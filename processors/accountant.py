@@ -33,6 +33,10 @@ def _wanted(entry: StreamEntry) -> tuple[str, int, list[int]] | None:
     try:
         gen = int(fields.get("gen", ""))
         if kind == "appended":
+            # One message (seq), or a batch's run of one memory's messages (seqs).
+            seqs = fields.get("seqs")
+            if seqs is not None:
+                return fields["memory"], gen, [int(s) for s in seqs.split(",")]
             return fields["memory"], gen, [int(fields["seq"])]
         if kind == "replaced" and int(fields.get("first_seq", 0)) > 0:
             first, last = int(fields["first_seq"]), int(fields["last_seq"])

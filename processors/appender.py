@@ -8,6 +8,9 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
+
+import orjson
 
 from events import (
     DecodeError,
@@ -57,15 +60,62 @@ MAX_ENDED_MEMORIES = 500
 _LOOKUP_TYPES = ('"workflow.ended"', '"memory.deleted"')
 
 
-def message_text(message: Message, *, workflow_id: str | None, agent_id: str | None) -> str:
-    """The stored JSON of a message (the store adds seq, gen, at and entry)."""
-    text = message.model_dump_json(exclude_none=True, exclude_defaults=True)
+#: Message fields written as they were sent when each is of this JSON type (what
+#: validation keeps as it is): see ``message_text``.
+_AS_SENT = {
+    "role": str,
+    "content": str,
+    "name": str,
+    "tool_call_id": str,
+    "metadata": dict,
+    "priority": int,
+}
+
+
+def message_text(
+    message: Message,
+    *,
+    workflow_id: str | None,
+    agent_id: str | None,
+    sent: dict[str, Any] | None = None,
+) -> str:
+    """The stored JSON of a message (the store adds seq, gen, at and entry). ``sent``:
+    the message as decoded from its event, written as it came when it holds only fields
+    of the types above (the model would write the same fields and values)."""
+    text = _as_sent(sent) if sent is not None else None
+    if text is None:
+        text = message.model_dump_json(exclude_none=True, exclude_defaults=True)
     extra = "".join(
         f',"{name}":{json.dumps(value, ensure_ascii=False)}'
         for name, value in (("workflow", workflow_id), ("agent", agent_id))
         if value
     )
     return text[:-1] + extra + "}" if extra else text
+
+
+def _as_sent(sent: dict[str, Any]) -> str | None:
+    """``sent`` as compact JSON without its nulls and an empty metadata (what the model
+    leaves out), or None when a field is not of its type in ``_AS_SENT``."""
+    kept: dict[str, Any] = {}
+    for name, value in sent.items():
+        if value is None:
+            continue
+        kind = _AS_SENT.get(name)
+        if kind is None or type(value) is not kind:
+            return None
+        if value or kind is not dict:
+            kept[name] = value
+    try:
+        return orjson.dumps(kept).decode()
+    except TypeError:  # a value orjson does not write (an integer past 64 bits)
+        return None
+
+
+def _sent_message(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The message of a decoded message.appended event, as sent."""
+    payload = data.get("payload") if data is not None else None
+    message = payload.get("message") if type(payload) is dict else None
+    return message if type(message) is dict else None
 
 
 class MissingLookupError(Exception):
@@ -359,7 +409,7 @@ class Appender:
             if ref.memory_id not in found.writers:
                 raise MissingLookupError(deleted=[ref.memory_id])
             writers = found.writers[ref.memory_id]
-        self._add(ops, target, event, None if clean else policy, writers)
+        self._add(ops, target, event, None if clean else policy, writers, decoded.data)
 
     def _target(self, memory_id: str) -> Target:
         """A memory named by an index, with its resource's TTL and policy. A memory of a
@@ -396,9 +446,11 @@ class Appender:
         event: MemoryEvent,
         redacting: PrivacyPolicy | None,
         writers: Sequence[str],
+        data: dict[str, Any] | None = None,
     ) -> None:
         """``redacting``: the policy whose patterns match some of the event's text (None
-        when none does); its non-persistable types apply either way."""
+        when none does); its non-persistable types apply either way. ``data``: the
+        event as decoded (an unredacted message is stored as it was sent)."""
         agent_id = event.payload.agent_id
         resource = self.registry[target.memory_id.split("/", 2)[1]]
         policy = resource.privacy_policy
@@ -408,9 +460,12 @@ class Appender:
         shown_workflow = target.workflow
         shown_agent = redacting.redact_text(agent_id) if redacting and agent_id else agent_id
 
-        def stored(message: Message) -> str:
-            kept = redacting.redact(message) if redacting else message
-            return message_text(kept, workflow_id=shown_workflow, agent_id=shown_agent)
+        def stored(message: Message, sent: dict[str, Any] | None = None) -> str:
+            if redacting:
+                message, sent = redacting.redact(message), None
+            return message_text(
+                message, workflow_id=shown_workflow, agent_id=shown_agent, sent=sent
+            )
 
         if isinstance(event, MessageAppended):
             message = event.payload.message
@@ -423,7 +478,7 @@ class Appender:
                     event_id=event_ref(event.event_id),
                 )
                 return
-            ops.append(target, stored(message))
+            ops.append(target, stored(message, _sent_message(data)))
         elif isinstance(event, MemoryReplaced):
             kept = [m for m in event.payload.messages if policy.persists(m)]
             ops.replace(target, [stored(m) for m in kept])

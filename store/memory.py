@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from store.errors import LeaseLostError
 from store.keys import Group, Keys
 from store.lease import Lease
@@ -35,9 +37,10 @@ class Retention:
             )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Target:
-    """The entry an op comes from and the memory it changes."""
+    """The entry an op comes from and the memory it changes (one per message on the hot
+    path: not frozen, which would set every field through object.__setattr__)."""
 
     entry_id: str
     memory_id: str
@@ -61,6 +64,15 @@ class Ending:
     workflow: str
     memories: Sequence[Target]  # the memories its index names (ttl and policy of each)
     more: bool = False  # more memories than one call takes: the entry stays pending
+
+
+def _compact_json(value: object) -> bytes | str:
+    """``value`` as compact JSON: orjson's UTF-8, or the standard encoder for what orjson
+    refuses (integers past 64 bits, lone surrogates), as it always was."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 class ApplyBatch:
@@ -411,8 +423,8 @@ class MemoryStore:
                 lease.value,
                 Group.APPENDER.value,
                 len(batch.buckets),
-                json.dumps(batch.ops, separators=(",", ":"), ensure_ascii=False),
-                json.dumps(batch.mems, separators=(",", ":"), ensure_ascii=False),
+                _compact_json(batch.ops),
+                _compact_json(batch.mems),
                 self.retention.idempotency_ms,
                 self.retention.tombstone_ms,
                 self.retention.outcome_ms,

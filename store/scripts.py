@@ -33,6 +33,15 @@ end
 
 -- Compare two unsigned decimal strings exactly (no double rounding): -1, 0 or 1.
 local function numcmp(a, b)
+  local na, nb = #a, #b
+  -- Digit strings of one length compare as text; of two lengths, the longer is the
+  -- larger unless one starts with a zero (only then are zeros stripped).
+  if na == nb then
+    if a == b then return 0 elseif a < b then return -1 else return 1 end
+  end
+  if string.byte(a) ~= 48 and string.byte(b) ~= 48 then
+    if na < nb then return -1 else return 1 end
+  end
   a = string.gsub(a, '^0+(%d)', '%1')
   b = string.gsub(b, '^0+(%d)', '%1')
   if #a ~= #b then
@@ -43,6 +52,7 @@ end
 
 -- Compare two stream ids ("ms-seq"): -1, 0 or 1.
 local function idcmp(a, b)
+  if a == b then return 0 end
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
   local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
   local c = numcmp(ams, bms)

@@ -20,9 +20,10 @@ CLAIM_PAGE = 1000
 DEFAULT_READ_BYTES = 8 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEntry:
-    """One delivered entry; ``fields`` is None when the entry is gone from the stream."""
+    """One delivered entry; ``fields`` is None when the entry is gone from the stream
+    (one per entry on the hot path: not frozen, see ``store.Target``)."""
 
     id: str
     fields: dict[str, str] | None

@@ -258,6 +258,57 @@ local function record(op, outcome)
   list[#list + 1] = cjson.encode(outcome)
 end
 
+-- An applied append's outcome, written as text (the common case: no table to encode).
+-- Event refs are SDK ids or sha1: digests (see event_ref); anything else is encoded.
+local function record_applied(op, seq, gen)
+  local ev = op.ev
+  if type(ev) ~= 'string' or not string.find(ev, '^[%w:%-]*$') then
+    record(op, {status = 'applied', seq = seq, gen = gen})
+    return
+  end
+  local bucket = KEYS[7 + op.o]
+  local list = buckets[bucket]
+  if not list then
+    list = {}
+    buckets[bucket] = list
+  end
+  list[#list + 1] = op.id
+  list[#list + 1] = '{"status":"applied","seq":' .. seq .. ',"gen":' .. gen ..
+    ',"event":"' .. ev .. '"}'
+end
+
+-- The `appended` changes of the batch: one entry per run of a memory's appends in one
+-- generation, naming their sequences (`seq`, or `seqs` separated by commas when there
+-- are several), written before any other change of that memory and at the end.
+local appended = {}
+local appended_order = {}
+local function flush_appended(m)
+  local a = appended[m]
+  if not a then return end
+  appended[m] = nil
+  if #a.seqs == 1 then
+    rcall('XADD', changes, '*', 'type', 'appended', 'memory', mems[m].id, 'gen', a.gen,
+      'seq', a.seqs[1], 'entry', a.entry)
+  else
+    rcall('XADD', changes, '*', 'type', 'appended', 'memory', mems[m].id, 'gen', a.gen,
+      'seqs', table.concat(a.seqs, ','), 'entry', a.entry)
+  end
+end
+local function note_appended(m, gen, seq, entry)
+  local a = appended[m]
+  if a and a.gen ~= gen then
+    flush_appended(m)
+    a = nil
+  end
+  if not a then
+    a = {gen = gen, seqs = {}, m = m}
+    appended[m] = a
+    appended_order[#appended_order + 1] = a
+  end
+  a.seqs[#a.seqs + 1] = seq
+  a.entry = entry
+end
+
 -- What a new generation keeps of the memory's meta: when it was created, the workflows
 -- writing it and a fixed deadline (an `expire` policy's grace).
 local function carried(m)
@@ -274,6 +325,7 @@ local function carried(m)
 end
 
 local function new_generation(s, m)
+  flush_appended(m)
   s.gen = rcall('HINCRBY', counters, 'gen', 1)
   local keep = carried(m)
   rcall('DEL', mkey(m, LOG), mkey(m, META), mkey(m, TOK))
@@ -310,6 +362,7 @@ end
 -- Delete a memory's data (a new generation number, never reused); its tombstone stays.
 -- `writers` maps the workflow ids that may name it in their index to those index keys.
 local function delete_memory(op, s, m, writers, why)
+  flush_appended(m)
   s.gen = rcall('HINCRBY', counters, 'gen', 1)
   local mid = mems[m].id
   local fields = rcall('HKEYS', mkey(m, META))
@@ -426,8 +479,7 @@ local function restore_backup(op, s, m)
     local head, rest = string.match(found[i], '^({"seq":%d+,"gen":)%d+(,.*)$')
     local member = head and (head .. s.gen .. rest) or found[i]
     rcall('ZADD', mkey(m, LOG), seq, member)
-    rcall('XADD', changes, '*', 'type', 'appended', 'memory', mid, 'gen', s.gen,
-      'seq', seq, 'entry', op.id)
+    note_appended(m, s.gen, seq, op.id)
     n, last = n + 1, seq
   end
   rcall('HSET', mkey(m, META), 'count', n)
@@ -563,9 +615,8 @@ for i, op in ipairs(ops) do
       if not s.exists then new_generation(s, m) end
       add_writer(op, s, m)
       local seq = add_message(op, s, m, message(op, 1))
-      rcall('XADD', changes, '*', 'type', 'appended', 'memory', mid, 'gen', s.gen,
-        'seq', seq, 'entry', op.id)
-      record(op, {status = 'applied', seq = seq, gen = s.gen})
+      note_appended(m, s.gen, seq, op.id)
+      record_applied(op, seq, s.gen)
     elseif op.k == 'replace' then
       new_generation(s, m)
       add_writer(op, s, m)
@@ -633,6 +684,10 @@ for i, op in ipairs(ops) do
   end
   statuses[i] = status
   reasons[i] = (status == 'refused' and d[2]) or ''
+end
+-- The runs still open, in the order they started.
+for _, a in ipairs(appended_order) do
+  if appended[a.m] == a then flush_appended(a.m) end
 end
 
 -- Deadlines and tombstones of every memory the batch changed, and the inventory.

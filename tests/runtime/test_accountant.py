@@ -112,3 +112,31 @@ async def test_memories_of_different_models_in_one_batch_are_each_counted_with_t
         view = await rig.reader.read(r)
         assert view.token_counts == [counters[r].message(m) for m in view.messages]
         assert view.tokens == sum(counters[r].message(m) for m in view.messages)
+
+
+async def test_a_batch_of_appends_is_counted_from_one_change_naming_every_message(
+    rig: Rig,
+) -> None:
+    ref = memory_in(P, "tokens-batch")
+    texts = [f"message {i} " + "word " * i for i in range(6)]
+    for text in texts:  # published before the appender runs: applied in one batch
+        await rig.publisher.append(ref, user(text))
+    rig.start("appender")
+    await rig.eventually(
+        lambda: _count_is(rig, ref, len(texts)), what="the appender applying the batch"
+    )
+    changes = [
+        f for _, f in await rig.client.xrange(rig.keys.changes(P)) if f["memory"] == ref.memory_id
+    ]
+    assert [f.get("seqs", f.get("seq", "")).count(",") + 1 for f in changes] == [len(texts)]
+    rig.start("accountant", rig.accountant())
+    await rig.eventually(lambda: caught_up(rig, ref, len(texts)), what="the accountant")
+    view = await rig.reader.read(ref)
+    counter = TOKENIZERS.for_resource(rig.registry["customer-support"])
+    assert view.token_counts == [counter.message(m) for m in view.messages]
+    assert view.tokens == sum(view.token_counts)
+
+
+async def _count_is(rig: Rig, ref: MemoryRef, count: int) -> bool:
+    view = await rig.reader.read(ref)
+    return view.exists and view.count == count

@@ -80,8 +80,42 @@ async def test_appends_apply_in_order_with_increasing_sequences(
     assert meta["count"] == "3" and meta["gen"] == "1"
     tomb = await client.hgetall(keys.memory(P, MEM).tomb)
     assert tomb["wm"] == ids[-1]
+    # One change names the batch's three messages of the memory.
     changes = await client.xrange(keys.changes(P))
-    assert [c[1]["seq"] for c in changes] == ["1", "2", "3"]
+    assert [(c[1]["type"], c[1]["seqs"], c[1]["gen"]) for c in changes] == [
+        ("appended", "1,2,3", "1")
+    ]
+    assert "seq" not in changes[0][1] and changes[0][1]["entry"] == ids[-1]
+
+
+async def test_appended_changes_follow_each_memory_and_generation_in_order(
+    setup: tuple[MemoryStore, Lease], client: RedisClient, keys: Keys
+) -> None:
+    """A memory's appends make one change per generation, written before the change
+    that starts the next one; a memory with one append keeps the one-message form."""
+    store, lease = setup
+    other = "acme/customer-support/k2"
+    ids = await publish(client, keys, 6)
+    batch = ApplyBatch(keys, P)
+    batch.append(target(ids[0]), msg("a"))
+    batch.append(target(ids[1], memory=other), msg("x"))
+    batch.append(target(ids[2]), msg("b"))
+    batch.command("clear", target(ids[3]))
+    batch.append(target(ids[4]), msg("c"))
+    batch.append(target(ids[5]), msg("d"))
+    assert await store.apply(lease, batch) == ["applied"] * 6
+    seqs = {
+        m: [json.loads(x)["seq"] for x in await client.zrange(keys.memory(P, m).log, 0, -1)]
+        for m in (MEM, other)
+    }
+    changes = [f for _, f in await client.xrange(keys.changes(P))]
+    assert [(f["type"], f["memory"], f["gen"], f.get("seqs") or f.get("seq")) for f in changes] == [
+        ("appended", MEM, "1", "1,3"),
+        ("cleared", MEM, "3", None),
+        ("appended", other, "2", "2"),
+        ("appended", MEM, "3", "4,5"),
+    ]
+    assert seqs == {MEM: [4, 5], other: [2]}
 
 
 async def test_redelivered_entries_at_or_below_the_watermark_are_skipped(
@@ -273,11 +307,8 @@ async def test_a_restore_brings_the_backup_back_under_its_sequences_in_a_new_gen
     assert await client.hget(k.meta, "count") == "3"
     assert await client.hget(k.tomb, "reset") == ids[4]
     changes = [f for _, f in (await client.xrange(keys.changes(P)))[seen:]]
-    assert [(f["type"], f["seq"], f["gen"]) for f in changes] == [
-        ("appended", "1", str(gen)),
-        ("appended", "2", str(gen)),
-        ("appended", "4", str(gen)),
-    ]
+    # The restored messages and the append after them, in one generation: one change.
+    assert [(f["type"], f["seqs"], f["gen"]) for f in changes] == [("appended", "1,2,4", str(gen))]
 
 
 async def test_entries_an_erasure_removed_after_they_were_read_are_settled_as_erased(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from events import (
     event_json,
 )
 from events.codec import MAX_JSON_DEPTH, MAX_VERSIONS_AHEAD
-from events.envelope import SCHEMA_VERSION
+from events.envelope import SCHEMA_VERSION, new_event_id
 from memory import Message, Role, ToolCall
 from memory.message import FunctionCall
 
@@ -623,3 +624,38 @@ def test_garbage_claiming_a_newer_version_is_invalid_not_held(data: dict[str, An
         decode({"event": json.dumps(data)})
     assert info.value.reason == "invalid"
     assert "must still have a type, a tenant and an event_id" in info.value.detail
+
+
+def test_event_ids_are_random_version_4_uuids() -> None:
+    ids = [new_event_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for made in ids[:200]:
+        parsed = uuid.UUID(hex=made)
+        assert parsed.hex == made and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+@pytest.mark.parametrize(
+    "value",
+    [2**64, -(2**63) - 1, 10**30, 1e300, -0.0, 0.1, "é", "\U0001f600", [1, [2, {"a": None}]]],
+)
+def test_numbers_and_text_decode_as_the_standard_parser_reads_them(value: Any) -> None:
+    # The fast parser never turns a large integer into a float, or changes any value.
+    data = appended()
+    data["payload"]["message"]["metadata"] = {"v": value}
+    decoded = decode(fields(data))
+    kept = decoded.event.payload.message.metadata["v"]  # type: ignore[union-attr]
+    assert kept == value and type(kept) is type(value)
+    assert decoded.data == json.loads(fields(data)["event"])
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"schema_version": 4, "x": "\\ud800"}', "invalid"),  # the fast parser refuses it
+        ("{'a': 1}", "not_json"),
+        ('{"a": 1,}', "not_json"),
+        ("[1, 2", "not_json"),
+    ],
+)
+def test_what_the_fast_parser_refuses_is_decided_as_before(text: str, reason: str) -> None:
+    assert reason_of({"event": text}) == reason
