@@ -9,7 +9,6 @@ JSON Schema of the current version (``memstream schema events`` prints it).
 from __future__ import annotations
 
 import enum
-import functools
 import os
 import re
 from typing import Annotated, Any, Literal
@@ -195,9 +194,11 @@ class _Envelope(_Model):
 class _MemoryEvent(_Envelope):
     payload: MemoryPayload
 
-    @functools.cached_property
+    @property
     def ref(self) -> MemoryRef:
-        return MemoryRef(self.tenant, self.payload.memory.resource, self.payload.memory.key)
+        # The three parts were validated as the reference validates them.
+        memory = self.payload.memory
+        return MemoryRef.checked(self.tenant, memory.resource, memory.key)
 
 
 class MessageAppended(_MemoryEvent):

@@ -100,6 +100,16 @@ class MemoryRef:
             )
 
     @classmethod
+    def checked(cls, tenant: str, resource: str, key: str) -> MemoryRef:
+        """A reference from parts already checked as ``__post_init__`` checks them (a
+        validated event's): not checked again."""
+        ref = object.__new__(cls)
+        object.__setattr__(ref, "tenant", tenant)
+        object.__setattr__(ref, "resource", resource)
+        object.__setattr__(ref, "key", key)
+        return ref
+
+    @classmethod
     def from_raw(cls, tenant: str, resource: str, raw_key: str) -> MemoryRef:
         """A reference from a rendered (not yet sanitized) key."""
         return cls(tenant, resource, sanitize_key(raw_key))

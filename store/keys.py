@@ -100,6 +100,11 @@ class MemoryKeys:
         return (self.log, self.meta, self.tomb, self.idem, self.tok, self.backup)
 
 
+def outcome_minute(entry_id: str) -> int:
+    """The minute of entry ids whose outcomes share a bucket (see ``Keys.outcomes``)."""
+    return int(entry_id.split("-", 1)[0]) // OUTCOME_BUCKET_MS
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names under one namespace."""
@@ -173,7 +178,7 @@ class Keys:
     def outcomes(self, partition: int, entry_id: str, group: str = "appender") -> str:
         """The outcome bucket of an entry: one hash per minute of entry ids, per group
         (entry ids are unique only within one stream)."""
-        minute = int(entry_id.split("-", 1)[0]) // OUTCOME_BUCKET_MS
+        minute = outcome_minute(entry_id)
         if group == "appender":
             return f"{self.namespace}:out:{{{partition}}}:{minute}"
         return f"{self.namespace}:out:{{{partition}}}:{group}:{minute}"

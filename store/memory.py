@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from store.errors import LeaseLostError
-from store.keys import Group, Keys
+from store.keys import Group, Keys, outcome_minute
 from store.lease import Lease
 from store.replicas import run_then_wait
 from store.scripts import Scripts
@@ -88,6 +88,7 @@ class ApplyBatch:
         self.texts: list[str] = []
         self._mem_index: dict[str, int] = {}
         self.buckets: list[str] = []
+        self._bucket_of: dict[int, int] = {}  # minute of entry ids -> bucket number
         self.indexes: list[str] = []  # index keys, referred to by number
         self._index_of: dict[str, int] = {}
         # Per (tenant, workflow): the memories written earlier in this batch.
@@ -104,10 +105,12 @@ class ApplyBatch:
         return [str(op["id"]) for op in self.ops]
 
     def _bucket(self, entry_id: str) -> int:
-        bucket = self._keys.outcomes(self.partition, entry_id)
-        if bucket not in self.buckets:
-            self.buckets.append(bucket)
-        return self.buckets.index(bucket) + 1
+        minute = outcome_minute(entry_id)
+        number = self._bucket_of.get(minute)
+        if number is None:
+            self.buckets.append(self._keys.outcomes(self.partition, entry_id))
+            number = self._bucket_of[minute] = len(self.buckets)
+        return number
 
     def _index(self, key: str) -> int:
         number = self._index_of.get(key)

@@ -443,12 +443,30 @@ end
 -- The batch's sequences are taken from the counter at once (see the write pass).
 local next_seq = 0
 
+-- A memory's appended messages wait in `s.members` and go into its log with one ZADD
+-- (a call from a script costs more than the insert), before any other op of the memory
+-- and before the deadlines are set.
+local function write_members(s, m)
+  local members = s.members
+  if not members then return end
+  s.members = nil
+  for i = 1, #members, 1000 do  -- unpack() takes a few thousand values at most
+    rcall('ZADD', mkey(m, LOG), unpack(members, i, math.min(i + 999, #members)))
+  end
+end
+
 local function add_message(op, s, m, text)
   local seq = next_seq
   next_seq = next_seq + 1
   local member = '{"seq":' .. seq .. ',"gen":' .. s.gen .. ',"at":' .. now ..
     ',"entry":"' .. op.id .. '",' .. string.sub(text, 2)
-  rcall('ZADD', mkey(m, LOG), seq, member)
+  local members = s.members
+  if not members then
+    members = {}
+    s.members = members
+  end
+  members[#members + 1] = seq
+  members[#members + 1] = member
   s.added, s.last_seq = s.added + 1, seq
   return seq
 end
@@ -591,6 +609,11 @@ for i, op in ipairs(ops) do
   local status = d[1]
   if not (op.k == 'ended' and op.more) then ids[#ids + 1] = op.id end
   if op.k == 'ended' then
+    for m, s in pairs(state) do write_members(s, m) end
+  elseif op.k ~= 'append' and op.m and state[op.m] then
+    write_members(state[op.m], op.m)
+  end
+  if op.k == 'ended' then
     -- An end applied before has nothing left to do (its index is gone).
     local t = (status == 'again') and {delete = 0, expire = 0, keep = 0, shared = 0}
       or apply_ended(op)
@@ -685,10 +708,11 @@ for i, op in ipairs(ops) do
   statuses[i] = status
   reasons[i] = (status == 'refused' and d[2]) or ''
 end
--- The runs still open, in the order they started.
+-- The runs still open, in the order they started; the messages still waiting.
 for _, a in ipairs(appended_order) do
   if appended[a.m] == a then flush_appended(a.m) end
 end
+for m, s in pairs(state) do write_members(s, m) end
 
 -- Deadlines and tombstones of every memory the batch changed, and the inventory.
 local indexes = {}
