@@ -25,7 +25,9 @@ waiting (an outcome is typically due in a few milliseconds), then ease off the s
 the delay between ticks is the age of the newest wait, at least
 ``FIRST_DELAY`` and at most ``FAST_DELAY``, then ``SLOW_DELAY`` once the newest wait is
 older than ``FAST_FOR``. With doorbells, a tick right after one that a doorbell ended
-waits ``FIRST_DELAY`` (doorbells ringing for other entries would make it spin). Either
+waits ``FIRST_DELAY`` (doorbells ringing for other entries would make it spin), unless
+entries not asked for yet wait: their doorbells are read from their own ids, so the
+next tick comes at once (a doorbell that rang for them ends its block). Either
 way, ticks are at least ``ENTRY_COST`` per entry waited for apart (about what a tick
 costs this process per entry it asks for), so the poller keeps to about half of its
 event loop however many wait. A failed tick fails the waits it asked for with its
@@ -139,6 +141,8 @@ class OutcomePoller:
         self._newest = self.loop.time()
         if self._task is None:
             self._task = self.loop.create_task(self._run())
+        elif self._bells:
+            self._wake_by(self._tick_end + self._gap())
         else:
             self._wake_by(self._tick_end + max(FIRST_DELAY, self._gap()))
         return future
@@ -189,10 +193,13 @@ class OutcomePoller:
             self._task = None
 
     def _gap(self) -> float:
-        """Before a tick that waits for doorbells: none after a block that ran out,
-        ``FIRST_DELAY`` after one that a doorbell ended (doorbells that keep ringing
-        for others' entries would otherwise make the poller spin)."""
-        return max(FIRST_DELAY if self._rang else 0.0, self._last_asked * ENTRY_COST)
+        """Before a tick that waits for doorbells: none after a block that ran out, or
+        when entries not asked for yet wait (their doorbells are read from their own
+        ids: one that rang ends the block with their outcome); else ``FIRST_DELAY``
+        after a block that a doorbell ended (doorbells that keep ringing for others'
+        entries would otherwise make the poller spin)."""
+        pause = FIRST_DELAY if self._rang and not self._lowered else 0.0
+        return max(pause, self._last_asked * ENTRY_COST)
 
     def _block_ms(self) -> int:
         return BLOCK_MS if self.loop.time() - self._newest < FAST_FOR else SLOW_BLOCK_MS
