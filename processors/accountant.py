@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memory import MemoryRef, MemoryResource, ResourceRegistry, StoredMessage
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 #: A flush mark older than this many flush lock TTLs is set again (its flush was lost).
 MARK_TTLS = 2
+#: Messages one step counts at most (a change names up to a whole appender batch of one
+#: memory's messages): the entries past it wait, pending, for the next step. A step
+#: always takes its first entry, however many it names.
+MAX_STEP_MESSAGES = 2_000
 
 
 def _wanted(entry: StreamEntry) -> tuple[str, int, list[int]] | None:
@@ -46,6 +51,24 @@ def _wanted(entry: StreamEntry) -> tuple[str, int, list[int]] | None:
     return None
 
 
+def step_of(
+    entries: Sequence[StreamEntry], limit: int
+) -> tuple[list[StreamEntry], list[tuple[str, int, list[int]] | None]]:
+    """The first entries of a batch whose changes name at most ``limit`` messages (the
+    first entry always), and what each names."""
+    taken: list[StreamEntry] = []
+    changes: list[tuple[str, int, list[int]] | None] = []
+    total = 0
+    for entry in entries:
+        found = _wanted(entry)
+        total += len(found[2]) if found is not None else 0
+        if taken and total > limit:
+            break
+        taken.append(entry)
+        changes.append(found)
+    return taken, changes
+
+
 class Accountant:
     """The processor of ``changes:{p}``."""
 
@@ -65,9 +88,9 @@ class Accountant:
         self._priorities = PrioritiesCache()
 
     async def process(self, batch: Batch) -> Handled:
+        entries, changes = step_of(batch.entries, MAX_STEP_MESSAGES)
         wanted: dict[tuple[str, int], set[int]] = defaultdict(set)
-        for entry in batch.entries:
-            found = _wanted(entry)
+        for found in changes:
             if found is not None:
                 wanted[(found[0], found[1])].update(found[2])
         by_memory: dict[str, set[int]] = defaultdict(set)
@@ -108,15 +131,15 @@ class Accountant:
         self._count(memories)
         counts = [t.budget for t in memories]
         started = time.perf_counter()
-        await self._accounts.apply(batch.lease, counts, [e.id for e in batch.entries])
+        await self._accounts.apply(batch.lease, counts, [e.id for e in entries])
         try:  # the counts are applied: metrics never fail them
             m, group = self._metrics, self.group.value
             m.apply_seconds.labels(group).observe(time.perf_counter() - started)
             m.tokens_counted.inc(sum(n for c in counts for _, n in c.counts))
-            m.settled(group, [("count", "applied")] * len(batch.entries))
+            m.settled(group, [("count", "applied")] * len(entries))
         except Exception:
             log.exception("recording the metrics of a batch failed")
-        return Handled()
+        return Handled(partial=len(entries) < len(batch.entries))
 
     def _count(self, memories: list[_Tally]) -> None:
         """Count every message of the batch, in one batch per counter (memories of one

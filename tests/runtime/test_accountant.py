@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from memory import MemoryRef, Message, ResourceRegistry, Role, partition_for
+from processors import accountant
+from store import StreamEntry
 from tests.runtime.conftest import PARTITIONS, ROOT, TOKENIZERS, Rig, memory_in, user
 
 REF = MemoryRef.parse("acme/customer-support/tokens-1")
@@ -140,3 +144,43 @@ async def test_a_batch_of_appends_is_counted_from_one_change_naming_every_messag
 async def _count_is(rig: Rig, ref: MemoryRef, count: int) -> bool:
     view = await rig.reader.read(ref)
     return view.exists and view.count == count
+
+
+async def test_a_step_counts_a_bounded_number_of_messages_and_the_rest_waits(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three memories' appends in one appender batch: three changes of four messages.
+    monkeypatch.setattr(accountant, "MAX_STEP_MESSAGES", 5)
+    refs = [memory_in(P, f"tokens-step-{i}-") for i in range(3)]
+    for i in range(4):
+        for ref in refs:
+            await rig.publisher.append(ref, user(f"message {i} of {ref.key}"))
+    rig.start("appender")
+    for ref in refs:
+        await rig.eventually(lambda r=ref: _count_is(rig, r, 4), what="the appender")
+    changes = [f for _, f in await rig.client.xrange(rig.keys.changes(P))]
+    assert [
+        f["seqs"].count(",") + 1 for f in changes if f["memory"] in {r.memory_id for r in refs}
+    ] == [4, 4, 4]
+    rig.start("accountant", rig.accountant())
+    for ref in refs:
+        await rig.eventually(lambda r=ref: caught_up(rig, r, 4), what="the accountant")
+        view = await rig.reader.read(ref)
+        counter = TOKENIZERS.for_resource(rig.registry["customer-support"])
+        assert view.token_counts == [counter.message(m) for m in view.messages]
+
+
+def test_a_step_takes_entries_up_to_the_bound_and_always_its_first() -> None:
+    def change(n: int, i: int) -> StreamEntry:
+        seqs = ",".join(str(s) for s in range(1, n + 1))
+        return StreamEntry(
+            f"{i}-0", {"type": "appended", "memory": "acme/r/k", "gen": "1", "seqs": seqs}
+        )
+
+    batch = [change(4, 1), change(4, 2), change(1, 3), change(9, 4)]
+    taken, changes = accountant.step_of(batch, 5)
+    assert [e.id for e in taken] == ["1-0"] and changes[0] == ("acme/r/k", 1, [1, 2, 3, 4])
+    assert [e.id for e in accountant.step_of(batch, 9)[0]] == ["1-0", "2-0", "3-0"]
+    assert [e.id for e in accountant.step_of(batch[3:], 5)[0]] == ["4-0"]  # over it alone
+    other = StreamEntry("5-0", {"type": "cleared", "memory": "acme/r/k", "gen": "2"})
+    assert [e.id for e in accountant.step_of([other, *batch], 4)[0]] == ["5-0", "1-0"]
