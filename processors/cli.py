@@ -23,7 +23,7 @@ from processors.accountant import Accountant
 from processors.app import App
 from processors.appender import Appender
 from processors.cleanup import Cleanup
-from processors.clitools import EXIT_REFUSED, command, settings_from
+from processors.clitools import EXIT_ERROR, EXIT_REFUSED, command, settings_from
 from processors.logs import setup_logging
 from processors.resources import resources
 from processors.runtime import Worker
@@ -31,7 +31,7 @@ from processors.status import as_json, group_status, render
 from processors.summarizer import Summarizer
 from processors.supervisor import WorkerCommand, supervise
 from processors.tokenizers import Tokenizers
-from store import GenerationChangedError, Group
+from store import GenerationChangedError, Group, find_embedded
 
 PROCESSORS = ("appender", "accountant", "summarizer", "cleanup", "all")
 log = logging.getLogger(__name__)
@@ -412,6 +412,25 @@ def schema(what: str) -> None:
     else:
         model = MemoryResource if what == "resource" else AgentResource
         click.echo(json.dumps(model.model_json_schema(), indent=2, sort_keys=True))
+
+
+@main.command()
+def url() -> None:
+    """Print the URL of the Redis server memstream uses, for other programs: REDIS_URL,
+    else the embedded server that `memstream run` started (exit 1 when none runs)."""
+    settings = settings_from()
+    if settings.redis_url:
+        click.echo(settings.redis_url)
+        return
+    running = find_embedded()
+    if running is None:
+        click.echo(
+            "error: no REDIS_URL and no embedded Redis running: start one with `memstream "
+            "run`, or set REDIS_URL",
+            err=True,
+        )
+        sys.exit(EXIT_ERROR)
+    click.echo(running.url)
 
 
 main.add_command(dead_letters.dlq)

@@ -307,7 +307,7 @@ class Settings(BaseSettings):
 
 
 #: Environment variables with the prefix that are not settings of a process.
-OTHER_VARIABLES = {"MEMSTREAM_STATE_DIR", "MEMSTREAM_TEST_REQUIRE"}
+OTHER_VARIABLES = {"MEMSTREAM_STATE_DIR", "MEMSTREAM_REDIS_SERVER", "MEMSTREAM_TEST_REQUIRE"}
 
 
 def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:

