@@ -117,6 +117,10 @@ class Cluster:
                     str(base / f"node{i}" / "nodes.conf"),
                     "--cluster-node-timeout",
                     "3000",
+                    # A replica's first sync starts at once, not after Redis 7's 5 s
+                    # wait for more replicas to share one diskless transfer.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ],
             )
             for i in range(masters * (1 + replicas))
