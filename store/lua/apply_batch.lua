@@ -246,16 +246,20 @@ end
 
 -- Write pass. Outcomes are gathered per bucket and written at the end, each once.
 local buckets = {}
-local function record(op, outcome)
+local function record_text(op, text)
   local bucket = KEYS[7 + op.o]
-  outcome.event = op.ev
   local list = buckets[bucket]
   if not list then
     list = {}
     buckets[bucket] = list
   end
   list[#list + 1] = op.id
-  list[#list + 1] = cjson.encode(outcome)
+  list[#list + 1] = text
+end
+
+local function record(op, outcome)
+  outcome.event = op.ev
+  record_text(op, cjson.encode(outcome))
 end
 
 -- An applied append's outcome, written as text (the common case: no table to encode).
@@ -266,15 +270,8 @@ local function record_applied(op, seq, gen)
     record(op, {status = 'applied', seq = seq, gen = gen})
     return
   end
-  local bucket = KEYS[7 + op.o]
-  local list = buckets[bucket]
-  if not list then
-    list = {}
-    buckets[bucket] = list
-  end
-  list[#list + 1] = op.id
-  list[#list + 1] = '{"status":"applied","seq":' .. seq .. ',"gen":' .. gen ..
-    ',"event":"' .. ev .. '"}'
+  record_text(op, '{"status":"applied","seq":' .. seq .. ',"gen":' .. gen ..
+    ',"event":"' .. ev .. '"}')
 end
 
 -- The `appended` changes of the batch: one entry per run of a memory's appends in one
@@ -286,13 +283,9 @@ local function flush_appended(m)
   local a = appended[m]
   if not a then return end
   appended[m] = nil
-  if #a.seqs == 1 then
-    rcall('XADD', changes, '*', 'type', 'appended', 'memory', mems[m].id, 'gen', a.gen,
-      'seq', a.seqs[1], 'entry', a.entry)
-  else
-    rcall('XADD', changes, '*', 'type', 'appended', 'memory', mems[m].id, 'gen', a.gen,
-      'seqs', table.concat(a.seqs, ','), 'entry', a.entry)
-  end
+  local name = (#a.seqs == 1) and 'seq' or 'seqs'
+  rcall('XADD', changes, '*', 'type', 'appended', 'memory', mems[m].id, 'gen', a.gen,
+    name, table.concat(a.seqs, ','), 'entry', a.entry)
 end
 local function note_appended(m, gen, seq, entry)
   local a = appended[m]
@@ -488,7 +481,6 @@ end
 -- message has the accountant count it, exactly as an append.
 local function restore_backup(op, s, m)
   local found = rcall('ZRANGE', mkey(m, BACKUP), 0, -1, 'WITHSCORES')
-  local mid = mems[m].id
   new_generation(s, m)
   add_writer(op, s, m)
   local n, last = 0, 0
